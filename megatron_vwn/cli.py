@@ -1,0 +1,103 @@
+"""``megatron-vwn``: one console script, thin subcommands.
+
+    megatron-vwn train [CONFIG] [key=value ...] [--nproc N]
+    megatron-vwn preprocess --input ... --output-prefix ... (see docs/data.md)
+
+``train`` with no CONFIG trains the tiny default (``configs/tiny.yaml``). ``--nproc N`` starts N
+local ranks through torchrun; under torchrun or SLURM the same command picks up the launcher's
+environment. Bad input is reported as one line (exit status 2) before any process group exists.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+from collections.abc import Sequence
+
+from megatron_vwn.config.errors import ConfigError
+from megatron_vwn.config.loader import DEFAULT_CONFIG
+
+
+def _train_parser(sub) -> None:
+    p = sub.add_parser("train", help="pretrain a model", description=__doc__,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("args", nargs="*", metavar="[CONFIG] [key=value ...]",
+                   help="a YAML file or shipped config name, then dotted overrides")
+    p.add_argument("--nproc", type=int, default=None,
+                   help="start this many local ranks with torchrun")
+
+
+def _split_config_and_overrides(args: list[str]) -> tuple[str, list[str]]:
+    if args and "=" not in args[0]:
+        return args[0], args[1:]
+    return DEFAULT_CONFIG, args
+
+
+def _under_launcher() -> bool:
+    return "RANK" in os.environ or "SLURM_PROCID" in os.environ
+
+
+def cmd_train(ns: argparse.Namespace) -> int:
+    from megatron_vwn.config import load_config, validate
+    from megatron_vwn.launch.env import resolve_dist_env
+
+    config_path, overrides = _split_config_and_overrides(ns.args)
+    cfg = load_config(config_path, overrides)
+    if ns.nproc is not None and not _under_launcher():
+        if ns.nproc < 1:
+            raise ConfigError(f"--nproc ({ns.nproc}) must be >= 1")
+        validate(cfg, ns.nproc)
+        from megatron_vwn.data.datasets import prepare_data
+
+        prepare_data(cfg.data)  # missing files fail here; the bundled corpus is built once
+        command = [
+            sys.executable, "-m", "torch.distributed.run", "--standalone",
+            f"--nproc-per-node={ns.nproc}", "-m", "megatron_vwn.cli", "train",
+            config_path, *overrides,
+        ]
+        return subprocess.call(command)
+
+    from megatron_vwn.training.trainer import run_training
+
+    dist = resolve_dist_env()
+    validate(cfg, dist.world_size)
+    run_training(cfg, dist)
+    return 0
+
+
+def cmd_preprocess(ns: argparse.Namespace) -> int:
+    from megatron_vwn.data.preprocess import run_preprocess
+
+    return run_preprocess(ns)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from megatron_vwn import __version__
+
+    parser = argparse.ArgumentParser(prog="megatron-vwn", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"megatron-vwn {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _train_parser(sub)
+    from megatron_vwn.data.preprocess import add_preprocess_arguments
+
+    add_preprocess_arguments(sub.add_parser("preprocess", help="text -> tokenizer + indexed data"))
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from megatron_vwn.log import silence_expected_warnings
+
+    silence_expected_warnings()
+    ns = build_parser().parse_args(argv)
+    handlers = {"train": cmd_train, "preprocess": cmd_preprocess}
+    try:
+        return handlers[ns.command](ns)
+    except ConfigError as exc:
+        print(f"megatron-vwn: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,234 @@
+"""The typed configuration tree.
+
+Each sub-config is a dataclass that owns one concern (model shape, parallel layout, optimisation,
+data, run directory, logging). The field names are a public contract: YAML files, dotted
+command-line overrides (``train.lr=1e-3``), ``config.yaml`` in the run directory and later
+issues all use them. Extend, never rename.
+
+Checks that involve a single sub-config live in its ``validate`` method; checks that need several
+sub-configs or the world size live in :mod:`megatron_vwn.config.validation`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from megatron_vwn.config.errors import ConfigError
+
+
+def _positive(key: str, value: float | None, allow_zero: bool = False) -> None:
+    if value is None:
+        return
+    if value < 0 or (value == 0 and not allow_zero):
+        bound = ">= 0" if allow_zero else "> 0"
+        raise ConfigError(f"{key} ({value}) must be {bound}")
+
+
+@dataclass
+class ModelConfig:
+    """Backbone shape (Llama-style GPT: RMSNorm, SwiGLU, RoPE, GQA)."""
+
+    num_layers: int = 2
+    hidden_size: int = 64
+    num_attention_heads: int = 4
+    num_query_groups: int | None = None
+    """Key/value heads for GQA; None means multi-head attention (= num_attention_heads)."""
+    ffn_hidden_size: int | None = None
+    """SwiGLU inner width; None means the Llama rule: 8/3 * hidden, rounded up to 64s."""
+    seq_length: int = 128
+    vocab_size: int | None = None
+    """None takes the tokenizer's size; either way it is padded for tensor parallelism."""
+    make_vocab_size_divisible_by: int = 64
+    tie_embeddings: bool = False
+    rotary_base: int = 10000
+    norm_epsilon: float = 1e-5
+    init_method_std: float = 0.02
+    hidden_dropout: float = 0.0
+    attention_dropout: float = 0.0
+    transformer_impl: Literal["auto", "local", "transformer_engine"] = "auto"
+    """auto: Transformer Engine when it and CUDA are present, else the local spec."""
+
+    def validate(self) -> None:
+        for key in ("num_layers", "hidden_size", "num_attention_heads", "seq_length",
+                    "make_vocab_size_divisible_by", "rotary_base"):
+            _positive(f"model.{key}", getattr(self, key))
+        _positive("model.num_query_groups", self.num_query_groups)
+        _positive("model.ffn_hidden_size", self.ffn_hidden_size)
+        _positive("model.vocab_size", self.vocab_size)
+        _positive("model.norm_epsilon", self.norm_epsilon)
+        _positive("model.init_method_std", self.init_method_std)
+        for key in ("hidden_dropout", "attention_dropout"):
+            value = getattr(self, key)
+            if not 0.0 <= value < 1.0:
+                raise ConfigError(f"model.{key} ({value}) must be in [0, 1)")
+        if self.hidden_size % self.num_attention_heads:
+            raise ConfigError(
+                f"model.hidden_size ({self.hidden_size}) must be divisible by "
+                f"model.num_attention_heads ({self.num_attention_heads})"
+            )
+        groups = self.query_groups
+        if self.num_attention_heads % groups:
+            raise ConfigError(
+                f"model.num_query_groups ({groups}) must divide "
+                f"model.num_attention_heads ({self.num_attention_heads})"
+            )
+
+    @property
+    def query_groups(self) -> int:
+        return self.num_query_groups or self.num_attention_heads
+
+    @property
+    def ffn_size(self) -> int:
+        if self.ffn_hidden_size is not None:
+            return self.ffn_hidden_size
+        return -(-(8 * self.hidden_size // 3) // 64) * 64
+
+
+@dataclass
+class ParallelConfig:
+    """Model-parallel layout. Data parallelism is what is left: world / (tensor * pipeline)."""
+
+    tensor: int = 1
+    pipeline: int = 1
+    virtual_pipeline: int | None = None
+    """Model chunks per pipeline rank (interleaved 1F1B); None or 1 means plain 1F1B."""
+    sequence_parallel: bool = False
+    distributed_optimizer: bool | None = None
+    """Shard optimizer state over data-parallel ranks; None means on with CUDA, off on CPU."""
+
+    def validate(self) -> None:
+        _positive("parallel.tensor", self.tensor)
+        _positive("parallel.pipeline", self.pipeline)
+        _positive("parallel.virtual_pipeline", self.virtual_pipeline)
+        if self.virtual_pipeline and self.virtual_pipeline > 1 and self.pipeline < 2:
+            raise ConfigError(
+                f"parallel.virtual_pipeline ({self.virtual_pipeline}) needs parallel.pipeline >= 2 "
+                f"(got {self.pipeline})"
+            )
+        if self.sequence_parallel and self.tensor < 2:
+            raise ConfigError("parallel.sequence_parallel=true needs parallel.tensor >= 2")
+
+    @property
+    def vpp(self) -> int:
+        return self.virtual_pipeline or 1
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation: AdamW, linear warmup + cosine decay, clipping, evaluation cadence."""
+
+    iters: int = 200
+    micro_batch_size: int = 4
+    global_batch_size: int = 8
+    lr: float = 3e-3
+    min_lr: float = 3e-4
+    warmup_iters: int = 20
+    lr_decay_iters: int | None = None
+    """Iterations of the cosine decay; None means train.iters."""
+    weight_decay: float = 0.1
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    adam_eps: float = 1e-8
+    clip_grad: float = 1.0
+    """Global gradient-norm clip; 0 disables clipping."""
+    seed: int = 1234
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    """auto: bf16 on GPU, fp32 on CPU."""
+    eval_interval: int = 50
+    """Validate every this many iterations (and at the end); 0 disables validation."""
+    eval_iters: int = 4
+
+    def validate(self) -> None:
+        for key in ("iters", "micro_batch_size", "global_batch_size"):
+            _positive(f"train.{key}", getattr(self, key))
+        _positive("train.lr", self.lr)
+        _positive("train.min_lr", self.min_lr, allow_zero=True)
+        if self.min_lr > self.lr:
+            raise ConfigError(f"train.min_lr ({self.min_lr}) must be <= train.lr ({self.lr})")
+        for key in ("warmup_iters", "weight_decay", "clip_grad", "eval_interval", "eval_iters"):
+            _positive(f"train.{key}", getattr(self, key), allow_zero=True)
+        _positive("train.lr_decay_iters", self.lr_decay_iters)
+        for key in ("adam_beta1", "adam_beta2"):
+            value = getattr(self, key)
+            if not 0.0 <= value < 1.0:
+                raise ConfigError(f"train.{key} ({value}) must be in [0, 1)")
+        _positive("train.adam_eps", self.adam_eps)
+        if self.eval_interval and not self.eval_iters:
+            raise ConfigError("train.eval_iters must be > 0 when train.eval_interval > 0")
+
+    @property
+    def decay_iters(self) -> int:
+        return self.lr_decay_iters or self.iters
+
+
+@dataclass
+class DataConfig:
+    """Where tokens come from. Empty ``paths`` means the bundled public-domain corpus."""
+
+    paths: list[str] = field(default_factory=list)
+    """Megatron indexed-dataset prefixes (``PREFIX.bin`` / ``PREFIX.idx``)."""
+    weights: list[float] | None = None
+    """Blend weights, one per path; None weighs each dataset by its size."""
+    split: str = "98,2,0"
+    """Document-level train,valid,test split of every dataset (Megatron's split string)."""
+    tokenizer_model: str | None = None
+    """SentencePiece ``.model``; None means the tokenizer trained on the bundled corpus."""
+    tokenizer_vocab_size: int = 4096
+    """Vocabulary of the tokenizer built for the bundled corpus."""
+    cache_dir: str | None = None
+    """Built tokenizer, indexed files and sample indices; None means ~/.cache/megatron_vwn."""
+    num_workers: int = 0
+    eod_mask_loss: bool = False
+    """Exclude end-of-document tokens from the loss."""
+
+    def validate(self) -> None:
+        if self.weights is not None:
+            if len(self.weights) != len(self.paths):
+                raise ConfigError(
+                    f"data.weights has {len(self.weights)} entries but data.paths has "
+                    f"{len(self.paths)}; give one weight per path or leave data.weights unset"
+                )
+            if any(w <= 0 for w in self.weights):
+                raise ConfigError(f"data.weights ({self.weights}) must all be > 0")
+        try:
+            parts = [float(p) for p in self.split.split(",")]
+        except ValueError:
+            parts = []
+        if len(parts) != 3 or any(p < 0 for p in parts) or parts[0] <= 0:
+            raise ConfigError(
+                f"data.split ({self.split!r}) must be three non-negative numbers "
+                f"'train,valid,test' with train > 0, e.g. '98,2,0'"
+            )
+        _positive("data.tokenizer_vocab_size", self.tokenizer_vocab_size)
+        _positive("data.num_workers", self.num_workers, allow_zero=True)
+
+
+@dataclass
+class RunConfig:
+    """The run directory: config.yaml, metrics.jsonl, logs and (later) checkpoints."""
+
+    dir: str = "runs/default"
+    name: str | None = None
+    """Display name (wandb, logs); None means the directory's basename."""
+
+
+@dataclass
+class LoggingConfig:
+    interval: int = 10
+    wandb: Literal["off", "offline", "online"] = "offline"
+    """offline writes wandb files under run.dir/wandb with no network; online needs a login."""
+    wandb_project: str = "megatron-vwn"
+
+    def validate(self) -> None:
+        _positive("logging.interval", self.interval)
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)

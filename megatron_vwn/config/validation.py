@@ -1,0 +1,83 @@
+"""Checks across sub-configs and against the launch layout, run before any process group.
+
+Each failure is one :class:`ConfigError` line naming the keys involved and what is allowed.
+"""
+
+from __future__ import annotations
+
+from megatron_vwn.config.errors import ConfigError
+from megatron_vwn.config.schema import Config
+
+
+def validate(cfg: Config, world_size: int | None = None) -> None:
+    """Validate ``cfg``; with ``world_size`` also the data-parallel layout it implies."""
+    cfg.model.validate()
+    cfg.parallel.validate()
+    cfg.train.validate()
+    cfg.data.validate()
+    cfg.logging.validate()
+    model, par = cfg.model, cfg.parallel
+
+    if model.num_attention_heads % par.tensor:
+        raise ConfigError(
+            f"parallel.tensor ({par.tensor}) must divide model.num_attention_heads "
+            f"({model.num_attention_heads})"
+        )
+    if model.query_groups % par.tensor:
+        raise ConfigError(
+            f"parallel.tensor ({par.tensor}) must divide model.num_query_groups "
+            f"({model.query_groups})"
+        )
+    if model.ffn_size % par.tensor:
+        raise ConfigError(
+            f"parallel.tensor ({par.tensor}) must divide model.ffn_hidden_size ({model.ffn_size})"
+        )
+    stages = par.pipeline * par.vpp
+    if model.num_layers % stages:
+        raise ConfigError(
+            f"model.num_layers ({model.num_layers}) must be divisible by parallel.pipeline x "
+            f"parallel.virtual_pipeline ({par.pipeline} x {par.vpp} = {stages})"
+        )
+    if par.sequence_parallel and model.seq_length % par.tensor:
+        raise ConfigError(
+            f"model.seq_length ({model.seq_length}) must be divisible by parallel.tensor "
+            f"({par.tensor}) with parallel.sequence_parallel=true"
+        )
+    if cfg.train.global_batch_size % cfg.train.micro_batch_size:
+        raise ConfigError(
+            f"train.global_batch_size ({cfg.train.global_batch_size}) must be divisible by "
+            f"train.micro_batch_size ({cfg.train.micro_batch_size})"
+        )
+    if world_size is not None:
+        validate_world_size(cfg, world_size)
+
+
+def validate_world_size(cfg: Config, world_size: int) -> None:
+    """World = tensor x pipeline x data, and the global batch splits over data-parallel ranks."""
+    par, train = cfg.parallel, cfg.train
+    model_parallel = par.tensor * par.pipeline
+    if world_size % model_parallel:
+        raise ConfigError(
+            f"the number of processes ({world_size}) must be a multiple of parallel.tensor x "
+            f"parallel.pipeline ({par.tensor} x {par.pipeline} = {model_parallel}); "
+            f"allowed: {model_parallel}, {2 * model_parallel}, {3 * model_parallel}, ..."
+        )
+    dp = world_size // model_parallel
+    per_step = train.micro_batch_size * dp
+    if train.global_batch_size % per_step:
+        raise ConfigError(
+            f"train.global_batch_size ({train.global_batch_size}) must be divisible by "
+            f"train.micro_batch_size x data-parallel size ({train.micro_batch_size} x {dp} = "
+            f"{per_step})"
+        )
+    microbatches = train.global_batch_size // per_step
+    if par.vpp > 1 and microbatches % par.pipeline:
+        raise ConfigError(
+            f"with parallel.virtual_pipeline ({par.vpp}) the number of micro-batches per step "
+            f"({microbatches} = train.global_batch_size / (train.micro_batch_size x {dp} "
+            f"data-parallel)) must be a multiple of parallel.pipeline ({par.pipeline})"
+        )
+
+
+def data_parallel_size(cfg: Config, world_size: int) -> int:
+    return world_size // (cfg.parallel.tensor * cfg.parallel.pipeline)

@@ -1,0 +1,1 @@
+"""Process launch: rank resolution, local multi-process (torchrun) and SLURM."""

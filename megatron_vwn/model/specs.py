@@ -1,0 +1,90 @@
+"""Layer and block specs for the Llama-style backbone.
+
+Two backends, chosen once per run:
+
+* Transformer Engine (``transformer_engine``): Megatron-Core's TE spec unchanged (fused
+  norm+linear, TE attention). Used on GPU when TE is installed.
+* local: Megatron-Core's local spec with two substitutions: our sequence-parallel-aware
+  :class:`RMSNorm` for the norms, and :class:`SDPAttention` instead of the unfused
+  ``DotProductAttention``. Used on CPU and on GPUs without TE.
+
+Later features (virtual width, MTP) patch these specs (the layer ``module``, extra submodules);
+they never fork the model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+
+import torch
+from megatron.core.models.gpt.gpt_layer_specs import (
+    get_gpt_layer_local_spec,
+    get_gpt_layer_with_transformer_engine_spec,
+)
+from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_block import (
+    TransformerBlockSubmodules,
+    get_num_layers_to_build,
+)
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+from megatron_vwn.config.errors import ConfigError
+from megatron_vwn.model.attention import SDPAttention
+from megatron_vwn.model.norm import RMSNorm
+
+
+def transformer_engine_available() -> bool:
+    """TE is usable only with CUDA; on CPU it must not even be imported (PLATFORM.md)."""
+    return torch.cuda.is_available() and importlib.util.find_spec("transformer_engine") is not None
+
+
+def resolve_transformer_impl(impl: str) -> str:
+    """``auto`` -> ``transformer_engine`` when available, else ``local``; refuses the impossible."""
+    if impl == "auto":
+        return "transformer_engine" if transformer_engine_available() else "local"
+    if impl == "transformer_engine" and not transformer_engine_available():
+        raise ConfigError(
+            "model.transformer_impl ('transformer_engine') needs CUDA and transformer-engine "
+            "(pip install '.[gpu]'); allowed here: 'auto', 'local'"
+        )
+    return impl
+
+
+def backbone_layer_spec(impl: str) -> ModuleSpec:
+    """The spec of one backbone ``TransformerLayer`` for a resolved backend."""
+    if impl == "transformer_engine":
+        return get_gpt_layer_with_transformer_engine_spec()
+    spec = get_gpt_layer_local_spec(normalization="RMSNorm")
+    layer = spec.submodules
+    attention = layer.self_attention
+    attention = dataclasses.replace(
+        attention,
+        submodules=dataclasses.replace(attention.submodules, core_attention=SDPAttention),
+    )
+    layer = dataclasses.replace(
+        layer, input_layernorm=RMSNorm, pre_mlp_layernorm=RMSNorm, self_attention=attention
+    )
+    return dataclasses.replace(spec, submodules=layer)
+
+
+def final_norm(impl: str) -> type:
+    if impl == "transformer_engine":
+        from megatron.core.extensions.transformer_engine import TENorm
+
+        return TENorm
+    return RMSNorm
+
+
+def backbone_block_spec(
+    config: TransformerConfig,
+    impl: str,
+    layer_spec: ModuleSpec | None = None,
+    vp_stage: int | None = None,
+) -> TransformerBlockSubmodules:
+    """The layers this pipeline stage (and virtual stage) builds, plus the final norm."""
+    layer_spec = layer_spec or backbone_layer_spec(impl)
+    num_layers = get_num_layers_to_build(config, vp_stage=vp_stage)
+    return TransformerBlockSubmodules(
+        layer_specs=[layer_spec] * num_layers, layer_norm=final_norm(impl)
+    )

@@ -1,0 +1,110 @@
+"""``metrics.jsonl``, the progress line and wandb: everything a run reports, from one rank.
+
+``metrics.jsonl`` is a contract: one JSON object per logged iteration with at least
+``iteration``, ``split`` ("train" or "valid"), ``consumed_tokens``, ``lm_loss``, and for training
+rows ``lr``, ``grad_norm``, ``iter_time_s`` and ``tokens_per_s``. Later features add keys
+(``mtp_loss_1``, ...); none are renamed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+
+def _clock(seconds: float) -> str:
+    seconds = int(max(seconds, 0))
+    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+
+
+class MetricsWriter:
+    """Appends rows to ``run_dir/metrics.jsonl`` and mirrors them to wandb (when enabled).
+
+    Only the reporting rank constructs one with ``enabled=True``; other ranks get a no-op writer.
+    """
+
+    def __init__(
+        self,
+        run_dir: Path,
+        total_iters: int,
+        enabled: bool,
+        wandb_mode: str = "off",
+        wandb_project: str = "megatron-vwn",
+        run_name: str | None = None,
+        config: dict | None = None,
+    ):
+        self.enabled = enabled
+        self.total_iters = total_iters
+        self.start_time = time.monotonic()
+        self.path = run_dir / "metrics.jsonl"
+        self._wandb = None
+        if not enabled:
+            return
+        self._file = open(self.path, "a", buffering=1)
+        if wandb_mode != "off":
+            self._wandb = _init_wandb(run_dir, wandb_mode, wandb_project, run_name, config)
+
+    def log_train(self, row: dict[str, Any], start_iteration: int) -> None:
+        """Write a training row and print the progress line."""
+        if not self.enabled:
+            return
+        row = {"split": "train", **row}
+        self._write(row)
+        elapsed = time.monotonic() - self.start_time
+        done = row["iteration"] - start_iteration
+        remaining = self.total_iters - row["iteration"]
+        eta = elapsed / done * remaining if done > 0 else math.nan
+        logger.info(
+            "iter %d/%d | loss %.4f | lr %.3e | grad %.3f | %.0f tok/s | %.3f s/it | "
+            "elapsed %s | eta %s",
+            row["iteration"], self.total_iters, row["lm_loss"], row["lr"],
+            row["grad_norm"] if row["grad_norm"] is not None else math.nan,
+            row["tokens_per_s"], row["iter_time_s"], _clock(elapsed),
+            _clock(eta) if eta == eta else "?",
+        )
+
+    def log_valid(self, row: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        row = {"split": "valid", **row}
+        self._write(row)
+        logger.info("validation at iter %d | loss %.4f | ppl %.2f", row["iteration"],
+                    row["lm_loss"], math.exp(min(row["lm_loss"], 50.0)))
+
+    def _write(self, row: dict[str, Any]) -> None:
+        self._file.write(json.dumps(row) + "\n")
+        if self._wandb is not None:
+            prefix = row["split"]
+            self._wandb.log(
+                {f"{prefix}/{k}": v for k, v in row.items() if k not in ("split", "iteration")},
+                step=row["iteration"],
+            )
+
+    def close(self) -> None:
+        if not self.enabled:
+            return
+        self._file.close()
+        if self._wandb is not None:
+            self._wandb.finish()
+
+
+def _init_wandb(run_dir: Path, mode: str, project: str, name: str | None, config: dict):
+    """wandb offline by default (no network, files under run_dir/wandb); online when asked."""
+    import wandb
+
+    os.environ.setdefault("WANDB_SILENT", "true")
+    return wandb.init(
+        project=project,
+        name=name or run_dir.name,
+        dir=str(run_dir),
+        mode=mode,
+        config=config,
+        reinit="finish_previous",
+    )

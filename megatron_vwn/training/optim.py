@@ -1,0 +1,53 @@
+"""Megatron-Core optimizer (AdamW, optionally distributed) and the warmup + cosine schedule."""
+
+from __future__ import annotations
+
+from megatron.core.optimizer import MegatronOptimizer, OptimizerConfig, get_megatron_optimizer
+from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+from megatron_vwn.config.schema import Config
+from megatron_vwn.parallel.cpu import cpu_mode
+
+
+def use_distributed_optimizer(cfg: Config) -> bool:
+    """Default: shard optimizer state on GPU; the plain optimizer on CPU (PLATFORM.md)."""
+    if cfg.parallel.distributed_optimizer is None:
+        return not cpu_mode()
+    return cfg.parallel.distributed_optimizer
+
+
+def build_optimizer(cfg: Config, model_chunks: list, bf16: bool) -> MegatronOptimizer:
+    """AdamW over the DDP-wrapped chunks; biases and norm gains get no weight decay."""
+    train = cfg.train
+    config = OptimizerConfig(
+        optimizer="adam",
+        lr=train.lr,
+        min_lr=train.min_lr,
+        weight_decay=train.weight_decay,
+        adam_beta1=train.adam_beta1,
+        adam_beta2=train.adam_beta2,
+        adam_eps=train.adam_eps,
+        clip_grad=train.clip_grad,
+        bf16=bf16,
+        use_distributed_optimizer=use_distributed_optimizer(cfg),
+    )
+    return get_megatron_optimizer(config, model_chunks)
+
+
+def build_scheduler(cfg: Config, optimizer: MegatronOptimizer) -> OptimizerParamScheduler:
+    """Linear warmup from 0 to ``train.lr``, cosine decay to ``train.min_lr``; one step per
+    iteration."""
+    train = cfg.train
+    return OptimizerParamScheduler(
+        optimizer,
+        init_lr=0.0,
+        max_lr=train.lr,
+        min_lr=train.min_lr,
+        lr_warmup_steps=train.warmup_iters,
+        lr_decay_steps=max(train.decay_iters, train.warmup_iters + 1),
+        lr_decay_style="cosine",
+        start_wd=train.weight_decay,
+        end_wd=train.weight_decay,
+        wd_incr_steps=train.iters,
+        wd_incr_style="constant",
+    )

@@ -1,0 +1,251 @@
+"""The training run: one visible build sequence, then the loop.
+
+    validate config -> prepare data files -> process groups -> run directory
+    -> model -> DDP -> optimizer + schedule -> datasets + loaders -> loop (train, validate, log)
+
+Each component receives only its own sub-config where it can.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from megatron.core import parallel_state
+from megatron.core.distributed import (
+    DistributedDataParallel,
+    DistributedDataParallelConfig,
+    finalize_model_grads,
+)
+
+from megatron_vwn.config import Config, ConfigError, dump_config, to_dict, validate
+from megatron_vwn.data.datasets import build_datasets, prepare_data
+from megatron_vwn.data.sampler import build_loader
+from megatron_vwn.data.tokenizer import load_tokenizer
+from megatron_vwn.launch.env import DistEnv, resolve_dist_env
+from megatron_vwn.log import setup_logging, silence_expected_warnings
+from megatron_vwn.model.accounting import count_params, flops_per_token, format_summary
+from megatron_vwn.model.builder import build_model, padded_vocab_size
+from megatron_vwn.parallel.distributed import destroy_distributed, initialize_distributed
+from megatron_vwn.training.metrics import MetricsWriter
+from megatron_vwn.training.optim import build_optimizer, build_scheduler, use_distributed_optimizer
+from megatron_vwn.training.step import StepResult, eval_step, train_step
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Layout:
+    """How the global batch maps onto this run's processes."""
+
+    data_parallel: int
+    num_microbatches: int
+
+    @classmethod
+    def of(cls, cfg: Config, world_size: int) -> Layout:
+        dp = world_size // (cfg.parallel.tensor * cfg.parallel.pipeline)
+        micro = cfg.train.global_batch_size // (cfg.train.micro_batch_size * dp)
+        return cls(data_parallel=dp, num_microbatches=micro)
+
+
+def resolve_vocab_size(cfg: Config, tokenizer_vocab: int) -> int:
+    """``model.vocab_size`` (or the tokenizer's), padded for tensor parallelism."""
+    vocab = cfg.model.vocab_size or tokenizer_vocab
+    if vocab < tokenizer_vocab:
+        raise ConfigError(
+            f"model.vocab_size ({vocab}) is smaller than the tokenizer's vocabulary "
+            f"({tokenizer_vocab}); leave it unset or make it >= {tokenizer_vocab}"
+        )
+    return padded_vocab_size(vocab, cfg.model.make_vocab_size_divisible_by, cfg.parallel.tensor)
+
+
+def wrap_ddp(cfg: Config, chunks: list) -> list:
+    """Megatron-Core DDP around every chunk; gradient sync finishes in ``finalize_model_grads``."""
+    config = chunks[0].config
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True,
+        overlap_grad_reduce=False,
+        use_distributed_optimizer=use_distributed_optimizer(cfg),
+    )
+    wrapped = [
+        DistributedDataParallel(
+            config=config, ddp_config=ddp_config, module=chunk, disable_bucketing=index > 0
+        )
+        for index, chunk in enumerate(chunks)
+    ]
+    for chunk in wrapped:
+        chunk.broadcast_params()
+    config.finalize_model_grads_func = finalize_model_grads
+    no_sync = [chunk.no_sync for chunk in wrapped]
+    config.no_sync_func = no_sync if len(no_sync) > 1 else no_sync[0]
+    return wrapped
+
+
+class Trainer:
+    """Owns the model, optimizer, data and metrics of one run on this rank."""
+
+    def __init__(self, cfg: Config, dist: DistEnv):
+        self.cfg = cfg
+        self.dist = dist
+        self.layout = Layout.of(cfg, dist.world_size)
+        self.run_dir = Path(cfg.run.dir)
+        self.prepared = prepare_data(cfg.data)
+        self.tokenizer = load_tokenizer(self.prepared.tokenizer_model)
+        self.vocab_size = resolve_vocab_size(cfg, self.tokenizer.vocab_size)
+
+        initialize_distributed(cfg, dist)
+        self._prepare_run_dir()
+
+        unwrapped = build_model(cfg, self.vocab_size)
+        self.feeds_data = [c.pre_process or c.post_process for c in unwrapped]
+        self.model = wrap_ddp(cfg, unwrapped)
+        config = unwrapped[0].config
+        self.optimizer = build_optimizer(cfg, self.model, bf16=config.bf16)
+        self.scheduler = build_scheduler(cfg, self.optimizer)
+        config.grad_scale_func = self.optimizer.scale_loss
+
+        self.params = count_params(cfg.model, self.vocab_size)
+        self.flops_per_token = flops_per_token(cfg.model, self.vocab_size)
+        logger.info("model: %s", format_summary(self.params, self.flops_per_token))
+        logger.info(
+            "layout: world %d = tensor %d x pipeline %d (x virtual %d) x data %d | "
+            "%d micro-batches of %d per step",
+            dist.world_size, cfg.parallel.tensor, cfg.parallel.pipeline, cfg.parallel.vpp,
+            self.layout.data_parallel, self.layout.num_microbatches, cfg.train.micro_batch_size,
+        )
+        self.iteration = 0
+        self._build_data()
+        self.metrics = MetricsWriter(
+            self.run_dir,
+            total_iters=cfg.train.iters,
+            enabled=dist.rank == 0,
+            wandb_mode=cfg.logging.wandb,
+            wandb_project=cfg.logging.wandb_project,
+            run_name=cfg.run.name,
+            config=to_dict(cfg),
+        )
+
+    def _prepare_run_dir(self) -> None:
+        if self.dist.rank == 0:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            dump_config(self.cfg, self.run_dir / "config.yaml")
+        setup_logging(self.dist.rank, self.run_dir / "logs" / "train.log")
+        silence_expected_warnings()
+        torch.distributed.barrier()
+
+    def _build_data(self) -> None:
+        cfg, train = self.cfg, self.cfg.train
+        evals = (train.iters // train.eval_interval + 1) if train.eval_interval else 0
+        num_samples = (
+            train.iters * train.global_batch_size,
+            evals * train.eval_iters * train.global_batch_size,
+            0,
+        )
+        train_ds, valid_ds = build_datasets(
+            cfg.data, self.prepared, self.tokenizer, cfg.model.seq_length, train.seed,
+            num_samples, create_attention_mask=False,
+        )
+        dp_rank = parallel_state.get_data_parallel_rank()
+        dp_size = self.layout.data_parallel
+
+        def loaders(dataset, cyclic: bool) -> list:
+            if dataset is None:
+                return [None] * len(self.model)
+            return [
+                build_loader(
+                    dataset, train.micro_batch_size, dp_rank, dp_size,
+                    consumed_samples=self.iteration * train.global_batch_size,
+                    num_workers=cfg.data.num_workers, cyclic=cyclic,
+                ) if feeds else None
+                for feeds in self.feeds_data
+            ]
+
+        self.train_iterators = loaders(train_ds, cyclic=False)
+        self.valid_iterators = loaders(valid_ds, cyclic=True)
+        self.has_valid = valid_ds is not None and bool(train.eval_interval)
+        if train.eval_interval and valid_ds is None:
+            logger.warning("data.split (%s) leaves no validation documents: validation is off",
+                           cfg.data.split)
+
+    def step(self) -> StepResult:
+        """One optimizer step over one global batch."""
+        return train_step(
+            self.model, self.optimizer, self.scheduler, self.train_iterators,
+            **self._step_kwargs(),
+        )
+
+    def _step_kwargs(self) -> dict:
+        return dict(
+            num_microbatches=self.layout.num_microbatches,
+            seq_length=self.cfg.model.seq_length,
+            micro_batch_size=self.cfg.train.micro_batch_size,
+        )
+
+    def tokens_per_iteration(self) -> int:
+        return self.cfg.train.global_batch_size * self.cfg.model.seq_length
+
+    def train(self) -> None:
+        cfg = self.cfg
+        start = self.iteration
+        window: list[tuple[float, float]] = []
+        logger.info("training for %d iterations", cfg.train.iters - start)
+        while self.iteration < cfg.train.iters:
+            lr = self.optimizer.param_groups[0]["lr"]
+            tick = time.perf_counter()
+            result = self.step()
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            elapsed = time.perf_counter() - tick
+            self.iteration += 1
+            window.append((result.lm_loss, elapsed))
+            last = self.iteration == cfg.train.iters
+            if self.iteration % cfg.logging.interval == 0 or last:
+                mean_time = sum(t for _, t in window) / len(window)
+                tokens_per_s = self.tokens_per_iteration() / mean_time
+                self.metrics.log_train({
+                    "iteration": self.iteration,
+                    "consumed_tokens": self.iteration * self.tokens_per_iteration(),
+                    "lm_loss": sum(loss for loss, _ in window) / len(window),
+                    "lr": lr,
+                    "grad_norm": result.grad_norm,
+                    "iter_time_s": mean_time,
+                    "tokens_per_s": tokens_per_s,
+                    "tflops_per_s_per_rank":
+                        tokens_per_s * self.flops_per_token / self.dist.world_size / 1e12,
+                    "skipped": result.skipped,
+                }, start_iteration=start)
+                window.clear()
+            if self.has_valid and (self.iteration % cfg.train.eval_interval == 0 or last):
+                self.validate()
+
+    def validate(self) -> float:
+        loss_sum = tokens = 0.0
+        for _ in range(self.cfg.train.eval_iters):
+            result = eval_step(self.model, self.valid_iterators, **self._step_kwargs())
+            loss_sum += result.lm_loss * result.tokens
+            tokens += result.tokens
+        loss = loss_sum / max(tokens, 1.0)
+        self.metrics.log_valid({
+            "iteration": self.iteration,
+            "consumed_tokens": self.iteration * self.tokens_per_iteration(),
+            "lm_loss": loss,
+        })
+        return loss
+
+    def close(self) -> None:
+        self.metrics.close()
+
+
+def run_training(cfg: Config, dist: DistEnv | None = None) -> None:
+    """Entry point of one rank: validate, train, tear down."""
+    dist = dist or resolve_dist_env()
+    validate(cfg, dist.world_size)
+    trainer = Trainer(cfg, dist)
+    try:
+        trainer.train()
+    finally:
+        trainer.close()
+        destroy_distributed()

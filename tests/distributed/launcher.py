@@ -1,0 +1,70 @@
+"""Start N local ranks of a Python script with torchrun's environment variables.
+
+Each rank runs in its own process session and the whole group is killed when the call ends, so a
+hung collective or a crashed checkpoint helper never outlives its test (PLATFORM.md).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def run_ranks(nproc: int, argv: list[str], timeout: float = 600, log_dir: Path | None = None,
+              env: dict | None = None) -> list[str]:
+    """Run ``python argv...`` as ``nproc`` ranks; return each rank's output; raise on failure."""
+    port = _free_port()
+    procs, logs = [], []
+    for rank in range(nproc):
+        rank_env = {
+            **os.environ, **(env or {}),
+            "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(nproc),
+            "LOCAL_WORLD_SIZE": str(nproc), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+            "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled", "PYTHONPATH": str(REPO),
+        }
+        log_path = (log_dir or Path("/tmp")) / f"rank{rank}-{port}.log"
+        log = open(log_path, "w+")
+        logs.append(log)
+        procs.append(subprocess.Popen(
+            [sys.executable, *argv], env=rank_env, stdout=log, stderr=subprocess.STDOUT,
+            start_new_session=True, cwd=REPO,
+        ))
+    deadline = time.monotonic() + timeout
+    try:
+        while any(p.poll() is None for p in procs):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"ranks did not finish in {timeout}s")
+            if any(p.poll() not in (None, 0) for p in procs):
+                time.sleep(2)  # let the others print their errors, then stop everyone
+                break
+            time.sleep(0.2)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+            p.wait()
+    outputs = []
+    for log in logs:
+        log.seek(0)
+        outputs.append(log.read())
+        log.close()
+    failed = [r for r, p in enumerate(procs) if p.returncode != 0]
+    if failed:
+        raise RuntimeError(
+            f"ranks {failed} failed:\n" + "\n".join(f"--- rank {r}\n{outputs[r][-4000:]}"
+                                                    for r in failed)
+        )
+    return outputs

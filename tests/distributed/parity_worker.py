@@ -1,0 +1,66 @@
+"""One rank of a parity run: train a few steps, save losses and the first step's gradients.
+
+Gradients are stored under global parameter names as full (TP-gathered) tensors, so runs at any
+TP/PP/VPP/DP layout can be compared element by element with the single-process run.
+
+    python tests/distributed/parity_worker.py OUT_DIR key=value ...
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+from megatron.core import parallel_state
+
+from megatron_vwn.config import load_config, validate
+from megatron_vwn.launch.env import resolve_dist_env
+from megatron_vwn.model.layout import global_named_parameters
+from megatron_vwn.parallel.distributed import destroy_distributed
+from megatron_vwn.training.trainer import Trainer
+
+
+def full_tensor(tensor: torch.Tensor, param: torch.nn.Parameter) -> torch.Tensor:
+    """Undo tensor-parallel sharding (including SwiGLU's stride-2 ``[gate_r; up_r]`` layout)."""
+    tp = parallel_state.get_tensor_model_parallel_world_size()
+    if tp == 1 or not getattr(param, "tensor_model_parallel", False):
+        return tensor.clone()
+    parts = [torch.empty_like(tensor) for _ in range(tp)]
+    torch.distributed.all_gather(
+        parts, tensor.contiguous(), group=parallel_state.get_tensor_model_parallel_group()
+    )
+    dim, stride = param.partition_dim, getattr(param, "partition_stride", 1)
+    pieces = [torch.chunk(part, stride, dim=dim) for part in parts]
+    return torch.cat([pieces[r][s] for s in range(stride) for r in range(tp)], dim=dim)
+
+
+def gather_grads(model_chunks: list) -> dict[str, torch.Tensor]:
+    grads = {}
+    for chunk in model_chunks:
+        for name, param in global_named_parameters(chunk.module):
+            grads[name] = full_tensor(param.main_grad.float(), param)
+    return grads
+
+
+def main() -> None:
+    out_dir = Path(sys.argv[1])
+    cfg = load_config("tiny", sys.argv[2:])
+    dist = resolve_dist_env()
+    validate(cfg, dist.world_size)
+    trainer = Trainer(cfg, dist)
+    losses, grad_norms, grads = [], [], None
+    for step in range(cfg.train.iters):
+        result = trainer.step()
+        losses.append(result.lm_loss)
+        grad_norms.append(float(result.grad_norm))
+        if step == 0:
+            grads = gather_grads(trainer.model)
+    torch.save({"losses": losses, "grad_norms": grad_norms, "grads": grads},
+               out_dir / f"rank{dist.rank}.pt")
+    trainer.close()
+    destroy_distributed()
+
+
+if __name__ == "__main__":
+    main()
