@@ -1,0 +1,1 @@
+"""Model definition: specs, builder, initialisation and accounting."""

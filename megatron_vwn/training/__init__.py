@@ -1,0 +1,1 @@
+"""The training loop, its steps, optimizer, schedule and metrics."""
