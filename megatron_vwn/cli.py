@@ -69,7 +69,9 @@ def cmd_train(ns: argparse.Namespace) -> int:
 
 def cmd_preprocess(ns: argparse.Namespace) -> int:
     from megatron_vwn.data.preprocess import run_preprocess
+    from megatron_vwn.log import setup_logging
 
+    setup_logging(rank=0)
     return run_preprocess(ns)
 
 
@@ -90,7 +92,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     from megatron_vwn.log import silence_expected_warnings
 
     silence_expected_warnings()
-    ns = build_parser().parse_args(argv)
+    parser = build_parser()
+    ns, extra = parser.parse_known_args(argv)
+    # Overrides may follow options (`train --nproc 2 train.lr=1e-3`); argparse leaves them over.
+    if ns.command == "train" and all(not item.startswith("-") for item in extra):
+        ns.args.extend(extra)
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     handlers = {"train": cmd_train, "preprocess": cmd_preprocess}
     try:
         return handlers[ns.command](ns)

@@ -9,6 +9,7 @@ not import Megatron-Core or torch, which take seconds to import:
   tokenizer.
 - :mod:`.preprocess`: tokenize documents into ``PREFIX.bin`` / ``PREFIX.idx`` (also the
   ``megatron-vwn preprocess`` subcommand).
+- :mod:`.split`: how ``data.split`` divides documents (an early check without Megatron-Core).
 - :mod:`.cache`: the cache directory and the lock-then-rename build used for shared caches.
 - :mod:`.datasets`: ``prepare_data`` (before any process group) and ``build_datasets``
   (Megatron's blended GPT datasets).

@@ -24,6 +24,7 @@ from megatron_vwn.config.errors import ConfigError
 from megatron_vwn.config.schema import DataConfig
 from megatron_vwn.data import bundled
 from megatron_vwn.data.cache import build_once, resolve_cache_dir
+from megatron_vwn.data.split import documents_in_split, read_sequence_count, split_bounds
 
 logger = logging.getLogger(__name__)
 
@@ -80,6 +81,27 @@ def _check_prefix(index: int, path: str) -> str:
     raise ConfigError(f"data.paths[{index}] ({path!r}): no {' or '.join(missing)} ({hint})")
 
 
+def _no_training_documents(cfg: DataConfig, index: int, path: str, count: int) -> ConfigError:
+    return ConfigError(
+        f"data.split ({cfg.split!r}) gives data.paths[{index}] ({path!r}) no training "
+        f"documents (it has {count}); raise the train share or give a dataset with more "
+        f"documents"
+    )
+
+
+def _check_split(cfg: DataConfig, paths: list[str]) -> None:
+    """Fail early (before any process group) if the split leaves a dataset without training
+    documents. ``build_datasets`` repeats the check with Megatron's own bounds."""
+    train = split_bounds(cfg.split)[0]
+    for index, path in enumerate(paths):
+        try:
+            count = read_sequence_count(path)
+        except ValueError as err:
+            raise ConfigError(f"data.paths[{index}] ({path!r}): {err}") from err
+        if documents_in_split(count, train) == 0:
+            raise _no_training_documents(cfg, index, path, count)
+
+
 def _prepare_bundled(cfg: DataConfig, cache_dir: str) -> PreparedData:
     user_model = None
     if cfg.tokenizer_model:
@@ -134,12 +156,15 @@ def prepare_data(cfg: DataConfig) -> PreparedData:
     cfg.validate()
     cache_dir = resolve_cache_dir(cfg.cache_dir)
     if not cfg.paths:
-        return _prepare_bundled(cfg, cache_dir)
+        prepared = _prepare_bundled(cfg, cache_dir)
+        _check_split(cfg, prepared.paths)
+        return prepared
     paths = [_check_prefix(i, p) for i, p in enumerate(cfg.paths)]
     model = _check_tokenizer_model(
         cfg.tokenizer_model,
         "when data.paths is set: the SentencePiece .model the data was preprocessed with",
     )
+    _check_split(cfg, paths)
     weights = [float(w) for w in cfg.weights] if cfg.weights is not None else None
     return PreparedData(tokenizer_model=model, paths=paths, weights=weights, cache_dir=cache_dir)
 
@@ -159,15 +184,6 @@ def _dataset_sizes(paths: list[str]) -> list[tuple[int, int]]:
     return sizes
 
 
-def _documents_in_split(num_documents: int, bounds: tuple[float, float] | None) -> int:
-    """Documents Megatron's builder gives a split (same rounding as the builder)."""
-    if bounds is None:
-        return 0
-    return int(round(bounds[1] * float(num_documents))) - int(
-        round(bounds[0] * float(num_documents))
-    )
-
-
 def _plan_splits(cfg: DataConfig, prepared: PreparedData, split_matrix: list,
                  doc_counts: list[int], valid_samples: int) -> list:
     """The split matrix to build: test never (unused), valid only if it can be built.
@@ -178,15 +194,11 @@ def _plan_splits(cfg: DataConfig, prepared: PreparedData, split_matrix: list,
     """
     train, valid = split_matrix[0], split_matrix[1]
     for index, count in enumerate(doc_counts):
-        if _documents_in_split(count, train) == 0:
-            raise ConfigError(
-                f"data.split ({cfg.split!r}) gives data.paths[{index}] "
-                f"({prepared.paths[index]!r}) no training documents (it has {count}); "
-                f"raise the train share or give a dataset with more documents"
-            )
+        if documents_in_split(count, train) == 0:
+            raise _no_training_documents(cfg, index, prepared.paths[index], count)
     if valid is not None and valid_samples > 0:
         for index, count in enumerate(doc_counts):
-            if _documents_in_split(count, valid) == 0:
+            if documents_in_split(count, valid) == 0:
                 logger.warning(
                     "data.split (%r) gives %s (%d documents) no validation documents: "
                     "building no validation set", cfg.split, prepared.paths[index], count,

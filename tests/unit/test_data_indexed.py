@@ -183,3 +183,37 @@ def test_document_level_split(tmp_path, model_path, tokenizer):
     assert train_docs == set(range(16))
     assert valid_docs == set(range(16, 20))
     assert not train_docs & valid_docs
+
+
+@pytest.mark.parametrize("split", ["98,2,0", "90,10,0", "99,1", "80,0,20", "1,1,1", "0.7,0.2,0.1",
+                                   "100,0,0", "33,33,34"])
+def test_early_split_check_agrees_with_megatron(split):
+    from megatron.core.datasets.blended_megatron_dataset_config import (
+        convert_split_vector_to_split_matrix,
+        parse_and_normalize_split,
+    )
+
+    from megatron_vwn.data.split import documents_in_split, split_bounds
+
+    ours = split_bounds(split)
+    theirs = convert_split_vector_to_split_matrix(parse_and_normalize_split(split))
+    assert ours == theirs
+    for n in (1, 7, 10, 135, 1001):
+        for bounds in ours:
+            if bounds is not None:
+                begin, end = (int(round(b * float(n))) for b in bounds)
+                assert documents_in_split(n, bounds) == end - begin
+
+
+def test_sequence_count_from_the_index_header(tmp_path, model_path):
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    from megatron_vwn.data.split import read_sequence_count
+
+    write_indexed_dataset([f"doc {i}" for i in range(13)], str(tmp_path / "n"), model_path)
+    dataset = IndexedDataset(str(tmp_path / "n"))
+    assert read_sequence_count(str(tmp_path / "n")) == len(dataset) == 13
+    del dataset
+    (tmp_path / "bad.idx").write_bytes(b"not an index at all, definitely not one")
+    with pytest.raises(ValueError, match="not a Megatron indexed-dataset index"):
+        read_sequence_count(str(tmp_path / "bad"))
