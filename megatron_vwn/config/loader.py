@@ -30,24 +30,45 @@ def resolve_config_path(name_or_path: str) -> Path:
     shipped = CONFIG_DIR / f"{name_or_path}.yaml"
     if shipped.is_file():
         return shipped
-    names = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml")) if CONFIG_DIR.is_dir() else []
+    names = sorted(str(p.relative_to(CONFIG_DIR).with_suffix(""))
+                   for p in CONFIG_DIR.rglob("*.yaml"))
     raise ConfigError(f"config file {name_or_path!r} not found; shipped configs: {names}")
 
 
 def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -> Config:
     """Read a YAML config (None: the tiny default) and apply ``key=value`` overrides."""
-    raw: dict[str, Any] = {}
-    if path is not None:
-        file = resolve_config_path(str(path))
-        with open(file) as f:
-            loaded = yaml.safe_load(f) or {}
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"{file}: top level must be a mapping of sections, got {loaded!r}")
-        raw = loaded
+    raw = _load_yaml(resolve_config_path(str(path))) if path is not None else {}
     for item in overrides:
         key, value = parse_override(item)
         _set_dotted(raw, key, value)
     return from_dict(raw)
+
+
+def _load_yaml(file: Path, seen: tuple[Path, ...] = ()) -> dict:
+    """One YAML file; a top-level ``base: other.yaml`` (relative to this file, or a shipped
+    config name) is loaded first and this file's sections are merged over it."""
+    if file.resolve() in seen:
+        raise ConfigError(f"{file}: 'base' chain loops back to {file.name}")
+    with open(file) as f:
+        loaded = yaml.safe_load(f) or {}
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"{file}: top level must be a mapping of sections, got {loaded!r}")
+    base = loaded.pop("base", None)
+    if base is None:
+        return loaded
+    relative = file.parent / str(base)
+    base_file = relative if relative.is_file() else resolve_config_path(str(base))
+    return _merge(_load_yaml(base_file, (*seen, file.resolve())), loaded)
+
+
+def _merge(base: dict, update: dict) -> dict:
+    merged = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
 
 
 def parse_override(item: str) -> tuple[str, Any]:

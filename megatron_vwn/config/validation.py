@@ -32,6 +32,7 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
         raise ConfigError(
             f"parallel.tensor ({par.tensor}) must divide model.ffn_hidden_size ({model.ffn_size})"
         )
+    _validate_vwn_layout(cfg)
     stages = par.pipeline * par.vpp
     if model.num_layers % stages:
         raise ConfigError(
@@ -50,6 +51,26 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
         )
     if world_size is not None:
         validate_world_size(cfg, world_size)
+
+
+def _validate_vwn_layout(cfg: Config) -> None:
+    """The reduce ``D' -> D`` is sharded over TP by slices of ``D'``; GroupNorm needs whole
+    groups (of size D) on every rank."""
+    vwn, tp = cfg.model.vwn, cfg.parallel.tensor
+    if not vwn.enabled or vwn.connection != "ghc" or vwn.n == vwn.m or tp == 1:
+        return
+    width = vwn.n * (cfg.model.hidden_size // vwn.m)
+    if width % tp:
+        raise ConfigError(
+            f"parallel.tensor ({tp}) must divide the virtual width D' = model.vwn.n x "
+            f"model.hidden_size / model.vwn.m ({width})"
+        )
+    if vwn.use_group_norm and (vwn.n // vwn.m) % tp:
+        raise ConfigError(
+            f"parallel.tensor ({tp}) must divide r = model.vwn.n / model.vwn.m "
+            f"({vwn.n // vwn.m}) while the GroupNorm is on (each rank holds whole groups of "
+            f"size D); use model.vwn.group_norm=off or a tensor size dividing r"
+        )
 
 
 def validate_world_size(cfg: Config, world_size: int) -> None:

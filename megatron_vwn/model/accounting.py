@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from megatron_vwn.config.schema import ModelConfig
+from megatron_vwn.config.schema import ModelConfig, VwnConfig
 
 
 @dataclass(frozen=True)
@@ -15,7 +15,7 @@ class ParamCounts:
     backbone: int
     """Transformer layers and the final norm."""
     other: int = 0
-    """Everything else (virtual-width and MTP extras when they land)."""
+    """Everything else: virtual-width extras (GHC modules, W_expand, GroupNorm, W_reduce)."""
 
     @property
     def total(self) -> int:
@@ -32,11 +32,58 @@ def layer_params(model: ModelConfig) -> int:
     return qkv + proj + mlp + 2 * d
 
 
+def ghc_params(vwn: VwnConfig, hidden_size: int) -> int:
+    """One GHC module (METHODS.md 1.4): static A, B ``n(2m+n)``; dynamic: scales ``n(2m+n)``
+    (2 scalars for HC), projection ``d_b(2m+n)``, norm gain ``d_b``."""
+    m, n, d_b = vwn.m, vwn.n, hidden_size // vwn.m
+    static = n * (2 * m + n)
+    if not vwn.dynamic:
+        return static
+    scales = 2 if vwn.connection == "hc" else n * (2 * m + n)
+    return static + scales + d_b * (2 * m + n) + d_b
+
+
+def virtual_width(vwn: VwnConfig, hidden_size: int) -> int:
+    return vwn.n * (hidden_size // vwn.m)
+
+
 def count_params(model: ModelConfig, vocab_size: int) -> ParamCounts:
-    d = model.hidden_size
-    embedding = vocab_size * d * (1 if model.tie_embeddings else 2)
+    d, vwn = model.hidden_size, model.vwn
+    table = d
+    other = 0
+    if vwn.enabled:
+        wide = virtual_width(vwn, d)
+        other = 2 * model.num_layers * ghc_params(vwn, d)
+        if vwn.connection == "ghc" and wide > d:
+            if vwn.embedding == "wide":
+                table = wide
+            else:
+                other += wide * d  # W_expand
+            other += wide * d + (2 * wide if vwn.use_group_norm else 0)  # W_reduce, GroupNorm
+    embedding = vocab_size * table + (0 if model.tie_embeddings else vocab_size * d)
     backbone = model.num_layers * layer_params(model) + d
-    return ParamCounts(embedding=embedding, backbone=backbone)
+    return ParamCounts(embedding=embedding, backbone=backbone, other=other)
+
+
+def ghc_flops_per_token(vwn: VwnConfig, hidden_size: int) -> int:
+    """Forward FLOPs of one GHC module per token (VWN Sec. 3.5): RMSNorm ``4rD``, dynamic
+    coefficients ``2(2m+n)rD``, width connection ``2(m+n)rD``, depth connection ``2nD``."""
+    m, n, d = vwn.m, vwn.n, hidden_size
+    r_d = n * d // m
+    norm_and_coeffs = (4 + 2 * (2 * m + n)) * r_d if vwn.dynamic else 0
+    return norm_and_coeffs + 2 * (m + n) * r_d + 2 * n * d
+
+
+def vwn_flops_per_token(model: ModelConfig) -> int:
+    """Training FLOPs per token added by virtual width (GHC modules, expand, reduce)."""
+    vwn, d = model.vwn, model.hidden_size
+    if not vwn.enabled:
+        return 0
+    forward = 2 * model.num_layers * ghc_flops_per_token(vwn, d)
+    wide = virtual_width(vwn, d)
+    if vwn.connection == "ghc" and wide > d:
+        forward += 2 * wide * d * (2 if vwn.embedding == "factorized" else 1)
+    return 3 * forward
 
 
 def flops_per_token(model: ModelConfig, vocab_size: int) -> int:
@@ -49,15 +96,29 @@ def flops_per_token(model: ModelConfig, vocab_size: int) -> int:
     d = model.hidden_size
     matmul_weights = model.num_layers * (layer_params(model) - 2 * d) + vocab_size * d
     attention = model.num_layers * 4 * model.seq_length * d
-    return 3 * (2 * matmul_weights + attention)
+    return 3 * (2 * matmul_weights + attention) + vwn_flops_per_token(model)
 
 
-def format_summary(counts: ParamCounts, flops: int) -> str:
+def format_summary(model: ModelConfig, vocab_size: int) -> str:
+    """The start-of-run summary: parameter groups, FLOPs per token, and the VWN overhead."""
+    counts = count_params(model, vocab_size)
+    flops = flops_per_token(model, vocab_size)
+
     def m(x: int) -> str:
         return f"{x / 1e6:.2f}M"
 
-    return (
+    text = (
         f"parameters: total {m(counts.total)} | embedding {m(counts.embedding)} | "
         f"backbone {m(counts.backbone)} | other {m(counts.other)} | "
         f"training FLOPs/token {flops / 1e6:.2f}M"
     )
+    extra = vwn_flops_per_token(model)
+    if extra:
+        vwn = model.vwn
+        text += (
+            f" | virtual width {vwn.connection} (m={vwn.m}, n={vwn.n}, r={vwn.n / vwn.m:g}, "
+            f"D'={virtual_width(vwn, model.hidden_size)}): +{m(counts.other)} parameters, "
+            f"+{extra / 1e6:.2f}M FLOPs/token ({100 * extra / (flops - extra):.1f}% of the "
+            f"backbone's)"
+        )
+    return text

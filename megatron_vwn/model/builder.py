@@ -14,7 +14,9 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_vwn.config.schema import Config
 from megatron_vwn.model.layout import initialize_layout_invariant
-from megatron_vwn.model.specs import backbone_block_spec, resolve_transformer_impl
+from megatron_vwn.model.specs import block_spec, resolve_transformer_impl
+from megatron_vwn.model.vwn import VWNShape
+from megatron_vwn.model.vwn_io import VWNEmbedding
 from megatron_vwn.parallel.cpu import cpu_mode
 
 
@@ -31,12 +33,25 @@ def padded_vocab_size(vocab_size: int, divisible_by: int, tensor_parallel: int) 
     return -(-vocab_size // multiple) * multiple
 
 
+def vwn_shape(cfg: Config) -> VWNShape | None:
+    """The virtual-width layout, or None for the backbone (built as the exact stock model)."""
+    if not cfg.model.vwn.enabled:
+        return None
+    return VWNShape.from_config(cfg.model.vwn, cfg.model.hidden_size)
+
+
+def residual_width(cfg: Config) -> int:
+    """Width of the tensors pipeline stages exchange: D, or D' with virtual width."""
+    shape = vwn_shape(cfg)
+    return shape.width if shape is not None else cfg.model.hidden_size
+
+
 def build_transformer_config(cfg: Config) -> TransformerConfig:
     """Megatron-Core's config for our Llama-style backbone at the configured layout."""
     model, par = cfg.model, cfg.parallel
     dtype = compute_dtype(cfg.train.precision)
     on_cpu = cpu_mode()
-    return TransformerConfig(
+    config = TransformerConfig(
         num_layers=model.num_layers,
         hidden_size=model.hidden_size,
         num_attention_heads=model.num_attention_heads,
@@ -70,7 +85,20 @@ def build_transformer_config(cfg: Config) -> TransformerConfig:
         # Batched isend/irecv gives wrong results for the interleaved schedule on gloo.
         batch_p2p_comm=not on_cpu,
         deallocate_pipeline_outputs=True,
+        # The interleaved schedule has no shape hook: wide states announce their shape.
+        variable_seq_lengths=residual_width(cfg) != model.hidden_size and par.vpp > 1,
+        moe_token_dispatcher_type="alltoall",  # allgather refuses variable_seq_lengths
     )
+    shape = vwn_shape(cfg)
+    if shape is not None and shape.output_init_scale != 1.0:
+        base_init, factor = config.output_layer_init_method, shape.output_init_scale
+
+        def scaled_output_init(weight: torch.Tensor) -> None:
+            base_init(weight)
+            weight.data.mul_(factor)
+
+        config.output_layer_init_method = scaled_output_init
+    return config
 
 
 def build_model_chunk(
@@ -79,9 +107,10 @@ def build_model_chunk(
     """One (virtual) pipeline stage of the backbone."""
     impl = resolve_transformer_impl(cfg.model.transformer_impl)
     vpp = cfg.parallel.vpp > 1
-    return GPTModel(
+    shape = vwn_shape(cfg)
+    model = GPTModel(
         config=config,
-        transformer_layer_spec=backbone_block_spec(config, impl, vp_stage=vp_stage),
+        transformer_layer_spec=block_spec(config, impl, vwn=shape, vp_stage=vp_stage),
         vocab_size=vocab_size,
         max_sequence_length=cfg.model.seq_length,
         pre_process=parallel_state.is_pipeline_first_stage(not vpp, vp_stage=vp_stage),
@@ -91,6 +120,12 @@ def build_model_chunk(
         rotary_base=cfg.model.rotary_base,
         vp_stage=vp_stage if vpp else None,
     )
+    if shape is not None:
+        if model.pre_process:
+            model.embedding = VWNEmbedding(config, shape, vocab_size, cfg.model.seq_length)
+        # Re-tag (and, for tied embeddings across stages, re-sync) the new embedding weight.
+        model.setup_embeddings_and_output_layer()
+    return model
 
 
 def build_model(cfg: Config, vocab_size: int) -> list[GPTModel]:

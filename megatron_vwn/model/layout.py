@@ -59,8 +59,15 @@ def initialize_layout_invariant(chunks: list[torch.nn.Module], seed: int) -> Non
         config = chunk.config
         tied = getattr(chunk, "share_embeddings_and_output_weights", False)
         for name, param in global_named_parameters(chunk):
-            if not getattr(param, "tensor_model_parallel", False):
+            custom = getattr(param, "layout_init", None)
+            if custom is not None:  # replicated weights with their own init (e.g. W_expand)
+                generator_state = torch.get_rng_state()
+                torch.manual_seed(_seed_for(seed, name))
+                custom(param)
+                torch.set_rng_state(generator_state)
                 continue
+            if not getattr(param, "tensor_model_parallel", False) or param.dim() != 2:
+                continue  # norms and GHC coefficients start from constants
             if tied and name == "output_layer.weight":
                 # The last stage's copy of a tied embedding (pipeline > 1) draws the same values.
                 name = "embedding.word_embeddings.weight"

@@ -32,6 +32,8 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron_vwn.config.errors import ConfigError
 from megatron_vwn.model.attention import SDPAttention
 from megatron_vwn.model.norm import RMSNorm
+from megatron_vwn.model.vwn import VWNShape, vwn_layer_spec
+from megatron_vwn.model.vwn_io import VWNFinalNorm
 
 
 def transformer_engine_available() -> bool:
@@ -76,15 +78,21 @@ def final_norm(impl: str) -> type:
     return RMSNorm
 
 
-def backbone_block_spec(
+def block_spec(
     config: TransformerConfig,
     impl: str,
-    layer_spec: ModuleSpec | None = None,
+    vwn: VWNShape | None = None,
     vp_stage: int | None = None,
 ) -> TransformerBlockSubmodules:
-    """The layers this pipeline stage (and virtual stage) builds, plus the final norm."""
-    layer_spec = layer_spec or backbone_layer_spec(impl)
+    """The layers this pipeline stage (and virtual stage) builds, plus the final norm.
+
+    With ``vwn`` the stock layer spec is patched into a :class:`VWNTransformerLayer` and the
+    final norm becomes the reduce ``D' -> D`` followed by the backbone's final norm.
+    """
+    layer_spec = backbone_layer_spec(impl)
+    norm = final_norm(impl)
+    if vwn is not None:
+        layer_spec = vwn_layer_spec(layer_spec, vwn)
+        norm = ModuleSpec(module=VWNFinalNorm, params={"vwn": vwn, "final_norm": norm})
     num_layers = get_num_layers_to_build(config, vp_stage=vp_stage)
-    return TransformerBlockSubmodules(
-        layer_specs=[layer_spec] * num_layers, layer_norm=final_norm(impl)
-    )
+    return TransformerBlockSubmodules(layer_specs=[layer_spec] * num_layers, layer_norm=norm)

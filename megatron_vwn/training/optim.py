@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
-from megatron.core.optimizer import MegatronOptimizer, OptimizerConfig, get_megatron_optimizer
-from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+from megatron.core.optimizer import (
+    MegatronOptimizer,
+    OptimizerConfig,
+    get_megatron_optimizer,
+    get_standard_config_overrides,
+)
+from megatron.core.optimizer.optimizer_config import ParamKey
+from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler, ParamGroupOverride
 
 from megatron_vwn.config.schema import Config
 from megatron_vwn.parallel.cpu import cpu_mode
@@ -17,7 +23,11 @@ def use_distributed_optimizer(cfg: Config) -> bool:
 
 
 def build_optimizer(cfg: Config, model_chunks: list, bf16: bool) -> MegatronOptimizer:
-    """AdamW over the DDP-wrapped chunks; biases and norm gains get no weight decay."""
+    """AdamW over the DDP-wrapped chunks.
+
+    No weight decay on biases, 1-D parameters (norm gains) and parameters tagged
+    ``no_weight_decay`` (VWN's static GHC coefficients and scales); everything else decays.
+    """
     train = cfg.train
     config = OptimizerConfig(
         optimizer="adam",
@@ -31,7 +41,9 @@ def build_optimizer(cfg: Config, model_chunks: list, bf16: bool) -> MegatronOpti
         bf16=bf16,
         use_distributed_optimizer=use_distributed_optimizer(cfg),
     )
-    return get_megatron_optimizer(config, model_chunks)
+    overrides = get_standard_config_overrides(config)
+    overrides[ParamKey(attr="no_weight_decay")] = ParamGroupOverride(wd_mult=0.0)
+    return get_megatron_optimizer(config, model_chunks, config_overrides=overrides)
 
 
 def build_scheduler(cfg: Config, optimizer: MegatronOptimizer) -> OptimizerParamScheduler:

@@ -61,6 +61,7 @@ def run_schedule(
     seq_length: int,
     micro_batch_size: int,
     forward_only: bool,
+    adjust_tensor_shapes_fn=None,
 ) -> tuple[float, int]:
     """Forward (and backward) over the micro-batches of one global batch; returns the token-mean
     LM loss of the global batch and its token count, identical on every rank."""
@@ -73,6 +74,7 @@ def run_schedule(
         seq_length=seq_length,
         micro_batch_size=micro_batch_size,
         forward_only=forward_only,
+        adjust_tensor_shapes_fn=adjust_tensor_shapes_fn,
     )
     return _reduce_loss(outputs)
 
@@ -103,13 +105,15 @@ def train_step(
     num_microbatches: int,
     seq_length: int,
     micro_batch_size: int,
+    adjust_tensor_shapes_fn=None,
 ) -> StepResult:
     """Zero grads, forward/backward all micro-batches, reduce grads, clip, step, advance LR."""
     for chunk in model_chunks:
         chunk.zero_grad_buffer()
     optimizer.zero_grad()
     loss, tokens = run_schedule(
-        model_chunks, data_iterators, num_microbatches, seq_length, micro_batch_size, False
+        model_chunks, data_iterators, num_microbatches, seq_length, micro_batch_size, False,
+        adjust_tensor_shapes_fn,
     )
     success, grad_norm, _ = optimizer.step()
     if success:
@@ -124,12 +128,14 @@ def eval_step(
     num_microbatches: int,
     seq_length: int,
     micro_batch_size: int,
+    adjust_tensor_shapes_fn=None,
 ) -> StepResult:
     for chunk in model_chunks:
         chunk.eval()
     try:
         loss, tokens = run_schedule(
-            model_chunks, data_iterators, num_microbatches, seq_length, micro_batch_size, True
+            model_chunks, data_iterators, num_microbatches, seq_length, micro_batch_size, True,
+            adjust_tensor_shapes_fn,
         )
     finally:
         for chunk in model_chunks:

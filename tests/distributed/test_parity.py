@@ -49,16 +49,38 @@ def _run(tmp_path, data_cache, nproc, overrides):
     return ranks[0]["losses"], ranks[0]["grad_norms"], grads
 
 
+# Virtual width at 1.5x, 2x and 8x (METHODS.md 1): every GHC, embedding and reduce gradient is
+# compared too. D = 64 keeps (8, 64) at d_b = 8, D' = 512.
+VWN = {
+    "vwn_2_3": ["model.vwn.m=2", "model.vwn.n=3"],
+    "vwn_2_4": ["model.vwn.m=2", "model.vwn.n=4"],
+    "vwn_8_64": ["model.vwn.m=8", "model.vwn.n=64"],
+}
+VWN_LAYOUTS = ["tp2_sp", "pp2", "pp2_vpp2", "tp2_pp2"]
+CASES = [("backbone", layout) for layout in LAYOUTS] + [
+    (model, layout) for model in VWN for layout in VWN_LAYOUTS
+]
+
+
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory, data_cache):
-    return _run(tmp_path_factory.mktemp("ref"), data_cache, 1, [])
+def references(tmp_path_factory, data_cache):
+    """Single-process runs, one per model variant, computed on first use."""
+    cache = {}
+
+    def get(model: str):
+        if model not in cache:
+            cache[model] = _run(tmp_path_factory.mktemp(f"ref-{model}"), data_cache, 1,
+                                VWN.get(model, []))
+        return cache[model]
+
+    return get
 
 
-@pytest.mark.parametrize("layout", list(LAYOUTS))
-def test_layout_matches_single_process(layout, reference, tmp_path, data_cache):
+@pytest.mark.parametrize("model,layout", CASES, ids=[f"{m}-{lay}" for m, lay in CASES])
+def test_layout_matches_single_process(model, layout, references, tmp_path, data_cache):
     nproc, overrides = LAYOUTS[layout]
-    ref_losses, ref_norms, ref_grads = reference
-    losses, norms, grads = _run(tmp_path, data_cache, nproc, overrides)
+    ref_losses, ref_norms, ref_grads = references(model)
+    losses, norms, grads = _run(tmp_path, data_cache, nproc, [*VWN.get(model, []), *overrides])
 
     assert ref_losses[0] > 1.0  # a real cross entropy, not a masked-out zero
     assert ref_losses[-1] < ref_losses[0]  # the steps did something

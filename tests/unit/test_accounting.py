@@ -11,16 +11,6 @@ SHAPE = ["model.num_layers=3", "model.hidden_size=64", "model.num_attention_head
          "model.num_query_groups=2", "model.ffn_hidden_size=160", "model.seq_length=16"]
 
 
-@pytest.fixture(scope="module")
-def single_process():
-    from megatron_vwn.launch.env import resolve_dist_env
-    from megatron_vwn.parallel.distributed import destroy_distributed, initialize_distributed
-
-    initialize_distributed(load_config(None, SHAPE), resolve_dist_env())
-    yield
-    destroy_distributed()
-
-
 @pytest.mark.parametrize("tied", [False, True])
 def test_counts_match_built_model(single_process, tied):
     from megatron_vwn.model.builder import build_model

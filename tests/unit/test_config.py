@@ -41,6 +41,23 @@ CASES = [
     (["parallel.sequence_parallel=true"], "parallel.sequence_parallel=true needs parallel.tensor"),
     (["train.min_lr=1", "train.lr=0.1"], "train.min_lr (1.0) must be <= train.lr (0.1)"),
     (["data.paths=[a, b]", "data.weights=[1]"], "data.weights has 1 entries but data.paths has 2"),
+    # virtual width (model.vwn.*)
+    (["model.vwn.m=3", "model.vwn.n=6"], "model.vwn.m (3) must divide model.hidden_size (128)"),
+    (["model.vwn.m=4", "model.vwn.n=2"], "model.vwn.n (2) must be >= model.vwn.m (4)"),
+    (["model.vwn.m=2", "model.vwn.n=3", "model.vwn.group_norm=on"],
+     "model.vwn.group_norm=on needs an integer r = n/m (got 3/2); allowed: auto, off"),
+    (["model.vwn.m=2", "model.vwn.n=4", "parallel.tensor=4", "model.num_query_groups=4"],
+     "parallel.tensor (4) must divide r = model.vwn.n / model.vwn.m (2) while the GroupNorm"),
+    (["model.vwn.m=4", "model.vwn.n=5", "parallel.tensor=4", "model.hidden_size=36",
+      "model.num_query_groups=4", "model.ffn_hidden_size=128"],
+     "parallel.tensor (4) must divide the virtual width D' = model.vwn.n x model.hidden_size"),
+    (["model.vwn.connection=hc", "model.vwn.m=2", "model.vwn.n=4"],
+     "model.vwn.connection=hc needs model.vwn.m = 1 (got 2)"),
+    (["model.vwn.connection=frac", "model.vwn.m=2", "model.vwn.n=4"],
+     "model.vwn.connection=frac needs model.vwn.n = model.vwn.m (got m=2, n=4)"),
+    (["model.vwn.m=2", "model.vwn.n=4", "model.tie_embeddings=true"],
+     "model.tie_embeddings=true cannot tie the V x D' table of model.vwn.embedding=wide"),
+    (["model.vwn.connection=ghcx"], "model.vwn.connection ('ghcx') must be one of"),
 ]
 
 

@@ -1,0 +1,133 @@
+"""Where the wide state begins and ends: over-width embedding and the reduce to ``D``.
+
+* :class:`VWNEmbedding` (first stage): Megatron's vocabulary-parallel ``LanguageModelEmbedding``
+  producing ``[s, b, D']``: a ``V x D'`` table (``wide``), a ``V x D`` table then
+  ``W_expand: D -> D'`` (``factorized``), or HC's ``D`` embedding replicated ``n`` times.
+* :class:`VWNFinalNorm` (the stage holding the final norm): GroupNorm over groups of size ``D``
+  and ``W_reduce: D' -> D`` sharded over tensor parallelism (each rank owns a slice of ``D'``),
+  or HC's sum of streams; then the backbone's own final norm. It takes the place of the block's
+  ``final_layernorm`` in the spec, so ``GPTModel`` hands ``[s, b, D]`` to its output layer.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+import torch.nn.functional as F
+from megatron.core import tensor_parallel
+from megatron.core.models.common.embeddings.language_model_embedding import (
+    LanguageModelEmbedding,
+)
+from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.spec_utils import build_module
+from megatron.core.transformer.transformer_config import TransformerConfig
+from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
+
+from megatron_vwn.model.vwn import VWNShape
+
+
+def _device(config: TransformerConfig):
+    return torch.device("cpu") if config.use_cpu_initialization else None
+
+
+class VWNEmbedding(LanguageModelEmbedding):
+    """Token embedding of width ``D'`` (``[s, b, D']``, sequence-scattered under SP)."""
+
+    def __init__(self, config: TransformerConfig, vwn: VWNShape, vocab_size: int,
+                 max_sequence_length: int, scatter_to_sequence_parallel: bool = True):
+        self.vwn = vwn
+        wide_table = vwn.connection == "ghc" and vwn.embedding == "wide"
+        table_config = dataclasses.replace(config, hidden_size=vwn.width) if wide_table else config
+        super().__init__(table_config, vocab_size, max_sequence_length,
+                         position_embedding_type="none",
+                         scatter_to_sequence_parallel=scatter_to_sequence_parallel)
+        self.expand = None
+        if vwn.connection == "ghc" and vwn.embedding == "factorized" and vwn.width > vwn.hidden:
+            weight = torch.empty(vwn.width, vwn.hidden, dtype=config.params_dtype,
+                                 device=_device(config))
+            self.expand = torch.nn.Parameter(weight)
+            self.expand.sequence_parallel = config.sequence_parallel
+            self.expand.layout_init = _init_expand
+            _init_expand(self.expand)
+
+    def forward(self, input_ids, position_ids, tokentype_ids=None):
+        embeddings = super().forward(input_ids, position_ids, tokentype_ids)  # [s, b, D or D']
+        if self.expand is not None:
+            return F.linear(embeddings, self.expand)  # [s, b, D']
+        if self.vwn.connection == "hc":
+            return embeddings.repeat(1, 1, self.vwn.n)  # n copies of the D-wide embedding
+        return embeddings
+
+
+@torch.no_grad()
+def _init_expand(weight: torch.Tensor) -> None:
+    """``W_expand = [I_D; G]``: the first ``D`` dims are the table itself (so the backbone reads
+    the plain embedding at init), the extra rows ``G ~ N(0, 1/D)`` keep the embedding's scale."""
+    hidden = weight.shape[1]
+    weight.zero_()
+    weight[:hidden].copy_(torch.eye(hidden))
+    weight[hidden:].normal_(0.0, 1.0 / math.sqrt(hidden))
+
+
+class ShardedGroupNorm(torch.nn.Module):
+    """GroupNorm over this rank's slice of ``D'`` (whole groups of size ``D`` per rank)."""
+
+    def __init__(self, local_width: int, group_size: int, eps: float, config: TransformerConfig):
+        super().__init__()
+        self.groups = local_width // group_size
+        self.eps = eps
+        kwargs = dict(dtype=config.params_dtype, device=_device(config))
+        self.weight = torch.nn.Parameter(torch.ones(local_width, **kwargs))
+        self.bias = torch.nn.Parameter(torch.zeros(local_width, **kwargs))
+        for param in (self.weight, self.bias):
+            set_tensor_model_parallel_attributes(param, is_parallel=True, dim=0, stride=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        out = F.group_norm(x.reshape(-1, shape[-1]), self.groups, self.weight, self.bias, self.eps)
+        return out.reshape(shape)
+
+    def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
+        state = self.state_dict(prefix="", keep_vars=True)
+        return make_sharded_tensors_for_checkpoint(
+            state, prefix, {"weight": 0, "bias": 0}, sharded_offsets
+        )
+
+
+class VWNFinalNorm(MegatronModule):
+    """``[s, b, D']`` -> (GroupNorm) -> ``W_reduce`` -> final norm -> ``[s, b, D]``."""
+
+    def __init__(self, config: TransformerConfig, hidden_size: int, eps: float = 1e-5,
+                 vwn: VWNShape = None, final_norm: type = None):
+        super().__init__(config=config)
+        self.vwn = vwn
+        self.group_norm = None
+        self.reduce = None
+        tp = config.tensor_model_parallel_size
+        if vwn.connection == "ghc" and vwn.width > vwn.hidden:
+            if vwn.group_norm:
+                self.group_norm = ShardedGroupNorm(vwn.width // tp, vwn.hidden, eps, config)
+            self.reduce = tensor_parallel.RowParallelLinear(
+                vwn.width, vwn.hidden, config=config, init_method=config.init_method,
+                bias=False, input_is_parallel=True, skip_bias_add=True,
+            )
+        self.norm = build_module(final_norm, config=config, hidden_size=hidden_size, eps=eps)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        if self.vwn.connection == "hc":
+            s, b, _ = hidden.shape
+            hidden = hidden.reshape(s, b, self.vwn.n, self.vwn.hidden).sum(dim=2)
+        elif self.reduce is not None:
+            if self.config.sequence_parallel:
+                # Gradients arriving here are complete on every rank: split, do not sum.
+                hidden = tensor_parallel.gather_from_sequence_parallel_region(
+                    hidden, tensor_parallel_output_grad=False
+                )
+            hidden = tensor_parallel.scatter_to_tensor_model_parallel_region(hidden)
+            if self.group_norm is not None:
+                hidden = self.group_norm(hidden)  # [s, b, D'/tp]
+            hidden, _ = self.reduce(hidden)  # [s(/tp), b, D]
+        return self.norm(hidden)
