@@ -2,6 +2,7 @@
 
     megatron-vwn train [CONFIG] [key=value ...] [--nproc N]
     megatron-vwn preprocess --input ... --output-prefix ... (see docs/data.md)
+    megatron-vwn checkpoint inspect PATH [--json]   (see docs/checkpoints.md)
 
 ``train`` with no CONFIG trains the tiny default (``configs/tiny.yaml``). ``--nproc N`` starts N
 local ranks through torchrun; under torchrun or SLURM the same command picks up the launcher's
@@ -75,6 +76,12 @@ def cmd_preprocess(ns: argparse.Namespace) -> int:
     return run_preprocess(ns)
 
 
+def cmd_checkpoint(ns: argparse.Namespace) -> int:
+    from megatron_vwn.checkpoint.inspect import run_inspect
+
+    return run_inspect(ns)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from megatron_vwn import __version__
 
@@ -85,6 +92,12 @@ def build_parser() -> argparse.ArgumentParser:
     from megatron_vwn.data.preprocess import add_preprocess_arguments
 
     add_preprocess_arguments(sub.add_parser("preprocess", help="text -> tokenizer + indexed data"))
+    from megatron_vwn.checkpoint.inspect import add_inspect_arguments
+
+    checkpoint = sub.add_parser("checkpoint", help="inspect checkpoints")
+    actions = checkpoint.add_subparsers(dest="action", required=True)
+    add_inspect_arguments(actions.add_parser(
+        "inspect", help="iteration, layout, config, parameter shapes and bytes"))
     return parser
 
 
@@ -99,7 +112,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         ns.args.extend(extra)
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
-    handlers = {"train": cmd_train, "preprocess": cmd_preprocess}
+    handlers = {"train": cmd_train, "preprocess": cmd_preprocess, "checkpoint": cmd_checkpoint}
     try:
         return handlers[ns.command](ns)
     except ConfigError as exc:

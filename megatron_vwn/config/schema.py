@@ -26,6 +26,72 @@ def _positive(key: str, value: float | None, allow_zero: bool = False) -> None:
 
 
 @dataclass
+class VwnConfig:
+    """Virtual width (docs/vwn.md, METHODS.md sections 1-2).
+
+    ``m`` fraction rate, ``n`` expanded slots: segment width ``d_b = D / m``, virtual width
+    ``D' = n * d_b``, factor ``r = n / m``. ``m = n = 1`` is the backbone, built as the stock
+    model. ``connection`` picks the family member: ``ghc`` (VWN's generalized hyper-connections),
+    ``hc`` (hyper-connections: ``m = 1``, ``n`` replicated streams) or ``frac``
+    (frac-connections: ``n = m``, the width split into fractions).
+    """
+
+    m: int = 1
+    n: int = 1
+    connection: Literal["ghc", "hc", "frac"] = "ghc"
+    embedding: Literal["wide", "factorized"] = "wide"
+    """ghc only: a V x D' table (wide) or a V x D table then D -> D' (factorized, tieable).
+    HC replicates the D-wide embedding n times; Frac needs no expansion (D' = D)."""
+    dynamic: bool = True
+    """Token-dependent coefficients on top of the static ones; false keeps static A, B only."""
+    group_norm: Literal["auto", "on", "off"] = "auto"
+    """GroupNorm (groups of size D) before the reduce; auto: on for integer r, off otherwise."""
+    recompute_coefficients: bool = False
+    """Recompute the coefficient path (norm, GEMM, tanh) in backward instead of storing it."""
+    output_init_scale: float | None = None
+    """Multiplier on the init std of each sublayer's output projection; None: the preset's
+    (1/sqrt(n) for hc, whose summed streams would otherwise grow the output n-fold; 1 otherwise)."""
+
+    @property
+    def enabled(self) -> bool:
+        return not (self.m == 1 and self.n == 1 and self.connection == "ghc")
+
+    def validate(self, hidden_size: int) -> None:
+        _positive("model.vwn.m", self.m)
+        _positive("model.vwn.n", self.n)
+        _positive("model.vwn.output_init_scale", self.output_init_scale)
+        if self.n < self.m:
+            raise ConfigError(f"model.vwn.n ({self.n}) must be >= model.vwn.m ({self.m})")
+        if hidden_size % self.m:
+            raise ConfigError(
+                f"model.vwn.m ({self.m}) must divide model.hidden_size ({hidden_size})"
+            )
+        if self.connection == "hc" and self.m != 1:
+            raise ConfigError(
+                f"model.vwn.connection=hc needs model.vwn.m = 1 (got {self.m}); "
+                f"n is the number of streams"
+            )
+        if self.connection == "frac" and self.n != self.m:
+            raise ConfigError(
+                f"model.vwn.connection=frac needs model.vwn.n = model.vwn.m (got m={self.m}, "
+                f"n={self.n}); use connection=ghc for n > m"
+            )
+        if self.group_norm == "on" and self.n % self.m:
+            raise ConfigError(
+                f"model.vwn.group_norm=on needs an integer r = n/m (got {self.n}/{self.m}); "
+                f"allowed: auto, off"
+            )
+
+    @property
+    def use_group_norm(self) -> bool:
+        if self.connection != "ghc" or self.n == self.m:
+            return False
+        if self.group_norm == "auto":
+            return self.n % self.m == 0
+        return self.group_norm == "on"
+
+
+@dataclass
 class ModelConfig:
     """Backbone shape (Llama-style GPT: RMSNorm, SwiGLU, RoPE, GQA)."""
 
@@ -48,6 +114,7 @@ class ModelConfig:
     attention_dropout: float = 0.0
     transformer_impl: Literal["auto", "local", "transformer_engine"] = "auto"
     """auto: Transformer Engine when it and CUDA are present, else the local spec."""
+    vwn: VwnConfig = field(default_factory=VwnConfig)
 
     def validate(self) -> None:
         for key in ("num_layers", "hidden_size", "num_attention_heads", "seq_length",
@@ -66,6 +133,14 @@ class ModelConfig:
             raise ConfigError(
                 f"model.hidden_size ({self.hidden_size}) must be divisible by "
                 f"model.num_attention_heads ({self.num_attention_heads})"
+            )
+        self.vwn.validate(self.hidden_size)
+        if self.tie_embeddings and self.vwn.enabled and self.vwn.connection == "ghc" \
+                and self.vwn.embedding == "wide" and self.vwn.n != self.vwn.m:
+            raise ConfigError(
+                "model.tie_embeddings=true cannot tie the V x D' table of "
+                "model.vwn.embedding=wide to the V x D output layer; use "
+                "model.vwn.embedding=factorized or model.tie_embeddings=false"
             )
         groups = self.query_groups
         if self.num_attention_heads % groups:
@@ -232,3 +307,35 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     run: RunConfig = field(default_factory=RunConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    checkpoint: CheckpointConfig = field(default_factory=lambda: CheckpointConfig())
+
+
+@dataclass
+class CheckpointConfig:
+    """Distributed checkpoints under ``run.dir/checkpoints`` (see docs/checkpoints.md)."""
+
+    save_interval: int = 0
+    """Save every this many iterations; 0 saves only at the end of training and on SIGTERM/SIGUSR1."""
+    resume: Literal["auto", "never"] = "auto"
+    """auto: resume from the latest complete checkpoint of run.dir, else start fresh; never: fresh."""
+    load: str | None = None
+    """Checkpoint to start from (an ``iter_NNNNNNN`` directory or a checkpoints directory); it
+    wins over ``resume=auto`` only while run.dir has no checkpoint of its own."""
+    weights_only: bool = False
+    """With ``load``: take the model weights only and start a new run (iteration 0, fresh
+    optimizer, scheduler, data position and RNG)."""
+    keep_last: int | None = None
+    """Keep the newest this many checkpoints; None keeps all."""
+    keep_every: int | None = None
+    """Also keep every checkpoint whose iteration is a multiple of this; None: no such rule."""
+    async_save: bool | None = None
+    """Write in the background while training continues; None means on with CUDA (GPU only)."""
+
+    def validate(self) -> None:
+        _positive("checkpoint.save_interval", self.save_interval, allow_zero=True)
+        _positive("checkpoint.keep_last", self.keep_last)
+        _positive("checkpoint.keep_every", self.keep_every)
+        if self.resume not in ("auto", "never"):
+            raise ConfigError(f"checkpoint.resume ({self.resume!r}) must be 'auto' or 'never'")
+        if self.weights_only and not self.load:
+            raise ConfigError("checkpoint.weights_only=true needs checkpoint.load (a path)")

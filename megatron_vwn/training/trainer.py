@@ -1,7 +1,8 @@
 """The training run: one visible build sequence, then the loop.
 
     validate config -> prepare data files -> process groups -> run directory
-    -> model -> DDP -> optimizer + schedule -> datasets + loaders -> loop (train, validate, log)
+    -> model -> DDP -> optimizer + schedule -> resume from a checkpoint -> datasets + loaders
+    -> loop (train, validate, log, save; SIGTERM/SIGUSR1 save and stop)
 
 Each component receives only its own sub-config where it can.
 """
@@ -21,17 +22,20 @@ from megatron.core.distributed import (
     finalize_model_grads,
 )
 
+from megatron_vwn.checkpoint import CheckpointManager, RunState
 from megatron_vwn.config import Config, ConfigError, dump_config, to_dict, validate
 from megatron_vwn.data.datasets import build_datasets, prepare_data
 from megatron_vwn.data.sampler import build_loader
 from megatron_vwn.data.tokenizer import load_tokenizer
 from megatron_vwn.launch.env import DistEnv, resolve_dist_env
 from megatron_vwn.log import setup_logging, silence_expected_warnings
-from megatron_vwn.model.accounting import count_params, flops_per_token, format_summary
+from megatron_vwn.model.accounting import flops_per_token, format_summary
 from megatron_vwn.model.builder import build_model, padded_vocab_size
 from megatron_vwn.parallel.distributed import destroy_distributed, initialize_distributed
+from megatron_vwn.parallel.pipeline import tensor_shape_adjuster
 from megatron_vwn.training.metrics import MetricsWriter
 from megatron_vwn.training.optim import build_optimizer, build_scheduler, use_distributed_optimizer
+from megatron_vwn.training.signals import StopSignals
 from megatron_vwn.training.step import StepResult, eval_step, train_step
 
 logger = logging.getLogger(__name__)
@@ -95,6 +99,8 @@ class Trainer:
         self.prepared = prepare_data(cfg.data)
         self.tokenizer = load_tokenizer(self.prepared.tokenizer_model)
         self.vocab_size = resolve_vocab_size(cfg, self.tokenizer.vocab_size)
+        self.checkpoints = CheckpointManager(cfg, self.run_dir, self.vocab_size)
+        self.signals = StopSignals()
 
         initialize_distributed(cfg, dist)
         self._prepare_run_dir()
@@ -107,16 +113,17 @@ class Trainer:
         self.scheduler = build_scheduler(cfg, self.optimizer)
         config.grad_scale_func = self.optimizer.scale_loss
 
-        self.params = count_params(cfg.model, self.vocab_size)
         self.flops_per_token = flops_per_token(cfg.model, self.vocab_size)
-        logger.info("model: %s", format_summary(self.params, self.flops_per_token))
+        logger.info("model: %s", format_summary(cfg.model, self.vocab_size))
         logger.info(
             "layout: world %d = tensor %d x pipeline %d (x virtual %d) x data %d | "
             "%d micro-batches of %d per step",
             dist.world_size, cfg.parallel.tensor, cfg.parallel.pipeline, cfg.parallel.vpp,
             self.layout.data_parallel, self.layout.num_microbatches, cfg.train.micro_batch_size,
         )
-        self.iteration = 0
+        resumed = self.checkpoints.resume(self.model, self.optimizer, self.scheduler)
+        self.iteration = resumed.iteration
+        self.consumed_valid_samples = resumed.consumed_valid_samples
         self._build_data()
         self.metrics = MetricsWriter(
             self.run_dir,
@@ -151,20 +158,21 @@ class Trainer:
         dp_rank = parallel_state.get_data_parallel_rank()
         dp_size = self.layout.data_parallel
 
-        def loaders(dataset, cyclic: bool) -> list:
+        def loaders(dataset, consumed_samples: int, cyclic: bool) -> list:
             if dataset is None:
                 return [None] * len(self.model)
             return [
                 build_loader(
                     dataset, train.micro_batch_size, dp_rank, dp_size,
-                    consumed_samples=self.iteration * train.global_batch_size,
+                    consumed_samples=consumed_samples,
                     num_workers=cfg.data.num_workers, cyclic=cyclic,
                 ) if feeds else None
                 for feeds in self.feeds_data
             ]
 
-        self.train_iterators = loaders(train_ds, cyclic=False)
-        self.valid_iterators = loaders(valid_ds, cyclic=True)
+        consumed_train = self.iteration * train.global_batch_size
+        self.train_iterators = loaders(train_ds, consumed_train, cyclic=False)
+        self.valid_iterators = loaders(valid_ds, self.consumed_valid_samples, cyclic=True)
         self.has_valid = valid_ds is not None and bool(train.eval_interval)
         if train.eval_interval and valid_ds is None:
             logger.warning("data.split (%s) leaves no validation documents: validation is off",
@@ -182,16 +190,39 @@ class Trainer:
             num_microbatches=self.layout.num_microbatches,
             seq_length=self.cfg.model.seq_length,
             micro_batch_size=self.cfg.train.micro_batch_size,
+            adjust_tensor_shapes_fn=tensor_shape_adjuster(self.cfg),
         )
 
     def tokens_per_iteration(self) -> int:
         return self.cfg.train.global_batch_size * self.cfg.model.seq_length
+
+    def run_state(self) -> RunState:
+        """What a checkpoint needs to continue this run exactly (besides model and optimizer)."""
+        return RunState(
+            iteration=self.iteration,
+            consumed_train_samples=self.iteration * self.cfg.train.global_batch_size,
+            consumed_valid_samples=self.consumed_valid_samples,
+        )
+
+    def _checkpoint_and_check_stop(self, last: bool) -> bool:
+        """Save when due, at the end, or on SIGTERM/SIGUSR1; True when the run must stop now."""
+        stop = self.signals.stop_requested()
+        if stop or last or self.checkpoints.due(self.iteration):
+            self.checkpoints.save(self.run_state(), self.model, self.optimizer, self.scheduler)
+        else:
+            self.checkpoints.poll()
+        if stop:
+            logger.info("stopping at iteration %d on %s", self.iteration,
+                        self.signals.received.name if self.signals.received else "a signal "
+                        "received by another rank")
+        return stop
 
     def train(self) -> None:
         cfg = self.cfg
         start = self.iteration
         window: list[tuple[float, float]] = []
         logger.info("training for %d iterations", cfg.train.iters - start)
+        self.signals.install()
         while self.iteration < cfg.train.iters:
             lr = self.optimizer.param_groups[0]["lr"]
             tick = time.perf_counter()
@@ -220,6 +251,8 @@ class Trainer:
                 window.clear()
             if self.has_valid and (self.iteration % cfg.train.eval_interval == 0 or last):
                 self.validate()
+            if self._checkpoint_and_check_stop(last):
+                break
 
     def validate(self) -> float:
         loss_sum = tokens = 0.0
@@ -228,6 +261,7 @@ class Trainer:
             loss_sum += result.lm_loss * result.tokens
             tokens += result.tokens
         loss = loss_sum / max(tokens, 1.0)
+        self.consumed_valid_samples += self.cfg.train.eval_iters * self.cfg.train.global_batch_size
         self.metrics.log_valid({
             "iteration": self.iteration,
             "consumed_tokens": self.iteration * self.tokens_per_iteration(),
@@ -236,6 +270,8 @@ class Trainer:
         return loss
 
     def close(self) -> None:
+        self.checkpoints.close()
+        self.signals.restore()
         self.metrics.close()
 
 

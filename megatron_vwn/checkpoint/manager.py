@@ -1,0 +1,405 @@
+"""Resume and save: the checkpoint side of a training run.
+
+Which checkpoint a run starts from (:meth:`CheckpointManager.resume`):
+
+1. ``checkpoint.resume=auto`` and ``run.dir/checkpoints`` holds a complete checkpoint: the one the
+   tracker names; if it is corrupted, the newest older complete one (each failure is logged with
+   the file it concerns). A missing tracker is reported and the newest complete one is used.
+2. else ``checkpoint.load=PATH`` (an ``iter_*`` directory or a checkpoints directory): that one,
+   all state or (``checkpoint.weights_only``) the model weights only; no fallback.
+3. else a fresh start.
+
+Before any tensor is read, the manifest's sizes and CRC-32s are checked (each rank checks a share
+of the files) and the checkpoint's model section is compared with the config.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from functools import partial
+from pathlib import Path
+
+import torch
+from megatron.core import dist_checkpointing
+
+from megatron_vwn import __version__
+from megatron_vwn.checkpoint.compat import check_model_fits
+from megatron_vwn.checkpoint.errors import CheckpointError, CorruptCheckpointError
+from megatron_vwn.checkpoint.files import (
+    CONFIG_FILE,
+    TRACKER,
+    Candidate,
+    check_files,
+    data_files,
+    describe_files,
+    iter_dir_name,
+    iteration_of,
+    list_complete,
+    list_iter_dirs,
+    read_manifest,
+    read_tracker,
+    write_manifest,
+    write_tracker,
+)
+from megatron_vwn.checkpoint.retention import apply_retention, remove_dir
+from megatron_vwn.checkpoint.saver import Saver
+from megatron_vwn.checkpoint.state import (
+    Layout,
+    RunState,
+    SavedRun,
+    capture_rng,
+    load_optimizer_state,
+    model_keys,
+    model_sharded_state_dict,
+    optimizer_sharded_state_dict,
+    restore_rng,
+    rng_sharded_object,
+    sharding_metadata,
+)
+from megatron_vwn.config import Config, dump_config, to_dict
+from megatron_vwn.config.errors import ConfigError
+from megatron_vwn.training.optim import use_distributed_optimizer
+
+logger = logging.getLogger(__name__)
+
+METRICS_FILE = "metrics.jsonl"  # written by training.metrics.MetricsWriter
+
+
+def find_candidates(checkpoints_dir: Path) -> tuple[list[Candidate], list[str]]:
+    """Checkpoints to try in order (tracker's first, then older complete ones) and warnings."""
+    warnings = []
+    try:
+        latest = read_tracker(checkpoints_dir)
+    except CorruptCheckpointError as exc:
+        warnings.append(f"{exc}; using the newest complete checkpoint instead")
+        latest = None
+    complete = list_complete(checkpoints_dir)
+    if latest is not None:
+        first = Candidate(latest, checkpoints_dir / iter_dir_name(latest), "named by the tracker")
+        older = [Candidate(it, p, "previous complete checkpoint")
+                 for it, p in reversed(complete) if it < latest]
+        return [first, *older], warnings
+    if complete and not warnings:
+        warnings.append(
+            f"tracker file {checkpoints_dir / TRACKER} is missing; using the newest complete "
+            f"checkpoint {complete[-1][1]}"
+        )
+    return [Candidate(it, p, "newest complete checkpoint") for it, p in reversed(complete)], warnings
+
+
+def explicit_candidates(path: Path) -> list[Candidate]:
+    """``checkpoint.load``: one checkpoint directory, or a checkpoints directory (its tracker)."""
+    if not path.exists():
+        raise CheckpointError(f"checkpoint.load ({path}) does not exist")
+    if (path / "metadata.json").is_file():
+        iteration = iteration_of(path)
+        return [Candidate(iteration if iteration is not None else -1, path, "checkpoint.load")]
+    if (path / "checkpoints").is_dir():
+        path = path / "checkpoints"
+    candidates, warnings = find_candidates(path)
+    for warning in warnings:
+        logger.warning(warning)
+    if not candidates:
+        raise CheckpointError(
+            f"checkpoint.load ({path}) holds no complete checkpoint (no {TRACKER} and no "
+            f"iter_* directory with a manifest)"
+        )
+    return candidates[:1]
+
+
+def trim_metrics(path: Path, iteration: int) -> int:
+    """Drop ``metrics.jsonl`` rows after ``iteration`` (logged after the checkpoint the run
+    resumes from, so they are trained again); returns how many were dropped."""
+    if not path.is_file():
+        return 0
+    kept, dropped = [], 0
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            dropped += 1  # a row cut off by a crash
+            continue
+        if row.get("iteration", 0) > iteration:
+            dropped += 1
+        else:
+            kept.append(line)
+    if dropped:
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        tmp.replace(path)
+    return dropped
+
+
+def _broadcast(obj):
+    """Rank 0's value of ``obj`` on every rank."""
+    box = [obj]
+    torch.distributed.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _is_rank0() -> bool:
+    return torch.distributed.get_rank() == 0
+
+
+def resolve_async_save(value: bool | None) -> bool:
+    """``checkpoint.async_save``: None means on with CUDA; on CPU it is refused."""
+    if value is None:
+        return torch.cuda.is_available()
+    if value and not torch.cuda.is_available():
+        raise ConfigError("checkpoint.async_save=true needs CUDA; leave it unset on CPU")
+    return value
+
+
+class CheckpointManager:
+    """Saves this run's checkpoints and restores the one it starts from (every rank has one)."""
+
+    def __init__(self, cfg: Config, run_dir: Path, padded_vocab_size: int):
+        self.cfg = cfg
+        self.ckpt = cfg.checkpoint
+        self.run_dir = run_dir
+        self.dir = run_dir / "checkpoints"
+        self.padded_vocab_size = padded_vocab_size
+        self.async_save = resolve_async_save(cfg.checkpoint.async_save)
+        self.distributed_optimizer = use_distributed_optimizer(cfg)
+        self.metadata = sharding_metadata(self.distributed_optimizer)
+        self.last_saved: int | None = None
+        self._saver: Saver | None = None
+
+    # ---------------------------------------------------------------- resume
+
+    def resume(self, model: list, optimizer, scheduler) -> RunState:
+        """Restore the checkpoint this run starts from (see the module docstring); returns the
+        run state to continue from (iteration 0 for a fresh start or ``weights_only``)."""
+        if self.ckpt.resume == "auto":
+            candidates, warnings, incomplete = _broadcast(self._own_candidates())
+            for warning in warnings:
+                logger.warning(warning)
+            if candidates:
+                return self._load_first(candidates, model, optimizer, scheduler, fallback=True)
+            if incomplete:
+                logger.warning("%s holds only incomplete checkpoints %s (saves that did not "
+                               "finish): starting fresh", self.dir, incomplete)
+        if self.ckpt.load:
+            candidates = _broadcast(self._explicit_or_error(Path(self.ckpt.load)))
+            if isinstance(candidates, CheckpointError):
+                raise candidates
+            return self._load_first(candidates, model, optimizer, scheduler, fallback=False,
+                                    weights_only=self.ckpt.weights_only)
+        return RunState()
+
+    def _own_candidates(self):
+        if not _is_rank0():
+            return None
+        candidates, warnings = find_candidates(self.dir)
+        incomplete = [p.name for _, p in list_iter_dirs(self.dir)] if not candidates else []
+        return candidates, warnings, incomplete
+
+    def _explicit_or_error(self, path: Path):
+        if not _is_rank0():
+            return None
+        try:
+            return explicit_candidates(path)
+        except CheckpointError as exc:
+            return exc
+
+    def _load_first(self, candidates, model, optimizer, scheduler, fallback: bool,
+                    weights_only: bool = False) -> RunState:
+        failures = []
+        for candidate in candidates:
+            try:
+                self._verify(candidate.path)
+            except CorruptCheckpointError as exc:
+                if not fallback:
+                    raise
+                failures.append(str(exc))
+                logger.error("%s; falling back to the previous complete checkpoint", exc)
+                continue
+            return self._load(candidate.path, model, optimizer, scheduler, weights_only)
+        raise CheckpointError(
+            f"no usable checkpoint in {self.dir}: " + "; ".join(failures)
+            + " (move the directory away or set checkpoint.resume=never to start fresh)"
+        )
+
+    def _verify(self, path: Path) -> None:
+        """Manifest present and every file intact; each rank checks its share (collective)."""
+        rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+        try:
+            manifest = read_manifest(path)
+            problems = check_files(path, manifest, sorted(manifest["files"])[rank::world])
+        except CorruptCheckpointError as exc:
+            problems = [str(exc)]
+        gathered = [None] * world
+        torch.distributed.all_gather_object(gathered, problems)
+        problems = sorted({p for rank_problems in gathered for p in rank_problems})
+        if problems:
+            more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+            message = problems[0] if problems[0].startswith("checkpoint ") else (
+                f"checkpoint {path} is corrupted: {problems[0]}")
+            raise CorruptCheckpointError(message + more)
+
+    def _load(self, path: Path, model: list, optimizer, scheduler, weights_only: bool) -> RunState:
+        tick = time.perf_counter()
+        common = dist_checkpointing.load_common_state_dict(str(path))
+        saved = SavedRun.from_dict(common["run"])
+        check_model_fits(str(path), saved.config.get("model", {}), saved.padded_vocab_size,
+                         self.cfg.model, self.padded_vocab_size)
+        here = Layout.current()
+        if not weights_only:
+            self._check_optimizer_format(path, saved, model)
+        state_dict = model_sharded_state_dict(model, self.metadata)
+        if not weights_only:
+            state_dict["optimizer"] = optimizer_sharded_state_dict(
+                optimizer, dict(state_dict), self.metadata, is_loading=True
+            )
+        same_layout = _same_layout(saved.layout, here)
+        if not weights_only and same_layout:
+            state_dict["rng_state"] = rng_sharded_object(None)
+        try:
+            loaded = dist_checkpointing.load(state_dict, str(path))
+        except Exception as exc:  # raised on every rank alike: report it as the user's error
+            raise CheckpointError(f"checkpoint {path} could not be loaded: {exc}") from exc
+        for key, chunk in zip(model_keys(len(model)), model):
+            chunk.module.load_state_dict(loaded[key], strict=True)
+        if weights_only:
+            optimizer.reload_model_params()
+            logger.info("loaded model weights from %s (iteration %d, saved at %s); starting a new "
+                        "run at iteration 0", path, saved.state.iteration, saved.layout.describe())
+            return RunState()
+        load_optimizer_state(optimizer, loaded["optimizer"])
+        _load_scheduler(scheduler, loaded["opt_param_scheduler"])
+        if same_layout:
+            restore_rng(loaded["rng_state"])
+        else:
+            logger.warning("checkpoint saved at %s, running at %s: model and optimizer state are "
+                           "resharded; RNG states are not restored (seeded from train.seed)",
+                           saved.layout.describe(), here.describe())
+        if _is_rank0():
+            dropped = trim_metrics(self.run_dir / METRICS_FILE, saved.state.iteration)
+            if dropped:
+                logger.info("removed %d metrics rows logged after iteration %d (trained again)",
+                            dropped, saved.state.iteration)
+        if path.parent.resolve() == self.dir.resolve():
+            self.last_saved = saved.state.iteration
+        logger.info("resumed from %s at iteration %d (%.1f s)", path, saved.state.iteration,
+                    time.perf_counter() - tick)
+        return saved.state
+
+    def _check_optimizer_format(self, path: Path, saved: SavedRun, model: list) -> None:
+        current = self._optimizer_format(model)
+        if saved.sharding and saved.sharding != current:
+            diffs = ", ".join(f"{k}: checkpoint {saved.sharding.get(k)!r}, run {v!r}"
+                              for k, v in current.items() if saved.sharding.get(k) != v)
+            raise CheckpointError(
+                f"checkpoint {path} holds optimizer state in another format ({diffs}); keep "
+                f"parallel.distributed_optimizer / train.precision as saved, or set "
+                f"checkpoint.weights_only=true with checkpoint.load to start from its weights"
+            )
+
+    def _optimizer_format(self, model: list) -> dict:
+        return {
+            "distributed_optimizer": self.distributed_optimizer,
+            "params_dtype": str(model[0].module.config.params_dtype).replace("torch.", ""),
+        }
+
+    # ---------------------------------------------------------------- save
+
+    def due(self, iteration: int) -> bool:
+        """Whether ``checkpoint.save_interval`` asks for a save at ``iteration``."""
+        interval = self.ckpt.save_interval
+        return bool(interval) and iteration % interval == 0
+
+    def save(self, state: RunState, model: list, optimizer, scheduler) -> None:
+        """Save a checkpoint of ``state`` (all ranks). Skipped if this iteration is on disk."""
+        iteration = state.iteration
+        if iteration == self.last_saved:
+            return
+        saver = self._get_saver()
+        saver.poll(blocking=True)  # one save in flight at most
+        tick = time.perf_counter()
+        path = self.dir / iter_dir_name(iteration)
+        if _is_rank0():
+            if path.exists():  # left by a save that did not finish, or not tracked
+                remove_dir(path)
+            path.mkdir(parents=True)
+        torch.distributed.barrier()
+
+        state_dict = model_sharded_state_dict(model, self.metadata)
+        state_dict["optimizer"] = optimizer_sharded_state_dict(
+            optimizer, dict(state_dict), self.metadata, is_loading=False
+        )
+        state_dict["rng_state"] = rng_sharded_object(capture_rng())
+        state_dict["opt_param_scheduler"] = scheduler.state_dict()
+        layout = Layout.current()
+        state_dict["run"] = SavedRun(
+            state=state, layout=layout, padded_vocab_size=self.padded_vocab_size,
+            config=to_dict(self.cfg), version=__version__, sharding=self._optimizer_format(model),
+        ).to_dict()
+        on_complete = partial(self._complete, iteration, path, layout, tick)
+        saver.save(state_dict, path, content_metadata=dict(self.metadata), on_complete=on_complete)
+        self.last_saved = iteration
+
+    def _complete(self, iteration: int, path: Path, layout: Layout, tick: float) -> None:
+        """After every rank finished writing: manifest (marks it complete), tracker, retention."""
+        rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+        if rank == 0:
+            dump_config(self.cfg, path / CONFIG_FILE)
+        names = _broadcast(data_files(path) if rank == 0 else None)
+        described = describe_files(path, names[rank::world])
+        gathered = [None] * world
+        torch.distributed.all_gather_object(gathered, described)
+        if rank == 0:
+            files = {name: info for part in gathered for name, info in part.items()}
+            write_manifest(path, {
+                "iteration": iteration,
+                "version": __version__,
+                "layout": layout.__dict__,
+                "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                "files": files,
+            })
+            write_tracker(self.dir, iteration)
+            apply_retention(self.dir, iteration, self.ckpt.keep_last, self.ckpt.keep_every)
+            size = sum(info["bytes"] for info in files.values())
+            logger.info("saved checkpoint %s (%.1f MB, %.1f s)", path, size / 1e6,
+                        time.perf_counter() - tick)
+        torch.distributed.barrier()
+
+    def poll(self) -> None:
+        """Complete a finished async save (collective; a no-op for synchronous saves)."""
+        if self._saver is not None:
+            self._saver.poll(blocking=False)
+
+    def close(self) -> None:
+        """Wait for a save in flight to complete."""
+        if self._saver is not None:
+            self._saver.poll(blocking=True)
+            self._saver.close()
+            self._saver = None
+
+    def _get_saver(self) -> Saver:
+        if self._saver is None:
+            self._saver = Saver(self.async_save)
+        return self._saver
+
+
+def _same_layout(saved: Layout, here: Layout) -> bool:
+    return (saved.tensor, saved.pipeline, saved.data) == (here.tensor, here.pipeline, here.data)
+
+
+def _load_scheduler(scheduler, state: dict) -> None:
+    """Continue the schedule at the saved step; the config's schedule values win (so a run may
+    be extended with a larger ``train.iters``), and changed values are logged."""
+    current = scheduler.state_dict()
+    ignored = {"num_steps"} | ({"wd_incr_steps"} if current["wd_incr_style"] == "constant" else set())
+    changed = {k: (v, current[k]) for k, v in state.items()
+               if k not in ignored and k in current and current[k] != v}
+    if changed:
+        logger.warning("LR schedule differs from the checkpoint's; using the config's: %s",
+                       ", ".join(f"{k} {old} -> {new}" for k, (old, new) in changed.items()))
+    override = scheduler.override_opt_param_scheduler
+    scheduler.override_opt_param_scheduler = True
+    try:
+        scheduler.load_state_dict(state)
+    finally:
+        scheduler.override_opt_param_scheduler = override

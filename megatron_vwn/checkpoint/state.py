@@ -1,0 +1,227 @@
+"""What a checkpoint holds, as Megatron-Core sharded state dicts.
+
+::
+
+    {
+      "model" | "model0", "model1", ...   chunk.module.sharded_state_dict() per (virtual) stage
+      "optimizer":  optimizer.sharded_state_dict(model part)      (not with weights_only)
+      "rng_state":  ShardedObject over (pp, tp, dp): python, numpy, torch, CUDA, Megatron tracker
+      "opt_param_scheduler": scheduler.state_dict()                (common)
+      "run": {iteration, consumed samples, layout, padded vocab, config, version}  (common)
+    }
+
+Model tensors are keyed by global parameter names with global layer offsets, so they reshard
+across TP/PP/VPP/DP on load. The plain (fp32) Megatron optimizer stores its state as tensors
+sharded like their parameters: reshardable the same way. The distributed optimizer is saved in
+Megatron-Core's ``fully_reshardable`` format (TP/PP/DP). RNG states are per rank: they are
+restored only at the layout they were saved at (elsewhere the run keeps its fresh seeds).
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import asdict, dataclass, field
+from functools import partial
+from typing import Any
+
+import numpy as np
+import torch
+from megatron.core import parallel_state, tensor_parallel
+from megatron.core.dist_checkpointing.mapping import ShardedObject
+
+FORMAT_VERSION = 1
+DISTOPT_SHARDING = "fully_reshardable"
+
+
+@dataclass
+class RunState:
+    """Where a run stands; everything else about it follows from the config."""
+
+    iteration: int = 0
+    consumed_train_samples: int = 0
+    consumed_valid_samples: int = 0
+
+
+@dataclass
+class Layout:
+    """The parallel layout a checkpoint was written at."""
+
+    tensor: int
+    pipeline: int
+    virtual_pipeline: int
+    data: int
+    world_size: int
+
+    @classmethod
+    def current(cls) -> Layout:
+        return cls(
+            tensor=parallel_state.get_tensor_model_parallel_world_size(),
+            pipeline=parallel_state.get_pipeline_model_parallel_world_size(),
+            virtual_pipeline=parallel_state.get_virtual_pipeline_model_parallel_world_size() or 1,
+            data=parallel_state.get_data_parallel_world_size(),
+            world_size=torch.distributed.get_world_size(),
+        )
+
+    def describe(self) -> str:
+        vpp = f" (x virtual {self.virtual_pipeline})" if self.virtual_pipeline > 1 else ""
+        return f"TP{self.tensor} x PP{self.pipeline}{vpp} x DP{self.data}"
+
+
+@dataclass
+class SavedRun:
+    """The ``run`` entry of a checkpoint's common state."""
+
+    state: RunState
+    layout: Layout
+    padded_vocab_size: int
+    config: dict
+    version: str
+    format_version: int = FORMAT_VERSION
+    sharding: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, raw: dict) -> SavedRun:
+        return cls(
+            state=RunState(**raw["state"]),
+            layout=Layout(**raw["layout"]),
+            padded_vocab_size=raw["padded_vocab_size"],
+            config=raw["config"],
+            version=raw["version"],
+            format_version=raw.get("format_version", FORMAT_VERSION),
+            sharding=raw.get("sharding", {}),
+        )
+
+
+def sharding_metadata(distributed_optimizer: bool) -> dict:
+    """The metadata Megatron-Core's ``sharded_state_dict`` methods read (as Megatron-LM builds
+    it): fully reshardable distributed-optimizer format, no prefixes for chained optimizers."""
+    metadata = {"singleton_local_shards": False, "chained_optim_avoid_prefix": True}
+    if distributed_optimizer:
+        metadata["distrib_optim_sharding_type"] = DISTOPT_SHARDING
+    return metadata
+
+
+def _with_groups(metadata: dict) -> dict:
+    return {
+        **metadata,
+        "dp_cp_group": parallel_state.get_data_parallel_group(with_context_parallel=True),
+    }
+
+
+def model_keys(num_chunks: int) -> list[str]:
+    """Megatron-LM's names: ``model`` for one chunk, ``model0``, ``model1``, ... with VPP."""
+    return ["model"] if num_chunks == 1 else [f"model{i}" for i in range(num_chunks)]
+
+
+def model_sharded_state_dict(chunks: list, metadata: dict) -> dict:
+    """The sharded state of every DDP-wrapped chunk (its ``vp_stage`` gives the layer offsets)."""
+    meta = _with_groups(metadata)
+    return {
+        key: chunk.module.sharded_state_dict(prefix="", metadata=meta)
+        for key, chunk in zip(model_keys(len(chunks)), chunks)
+    }
+
+
+def optimizer_sharded_state_dict(
+    optimizer, model_state: dict, metadata: dict, is_loading: bool
+) -> dict:
+    if is_loading:
+        _prime_empty_adam_state(optimizer)
+    return optimizer.sharded_state_dict(model_state, is_loading, metadata=_with_groups(metadata))
+
+
+def _torch_adam_distributed_optimizers(optimizer) -> list:
+    """The distributed optimizers of ``optimizer`` that step with PyTorch's Adam (no Apex/TE)."""
+    from megatron.core.optimizer import distrib_optimizer
+
+    if distrib_optimizer.HAVE_APEX_OR_TE:
+        return []
+    return [opt for opt in getattr(optimizer, "chained_optimizers", [optimizer])
+            if isinstance(opt, distrib_optimizer.DistributedOptimizer)]
+
+
+def load_optimizer_state(optimizer, state: dict) -> None:
+    """``optimizer.load_state_dict(state)``, working around Megatron-Core 0.16 with PyTorch's Adam.
+
+    With the distributed optimizer and PyTorch's Adam (no Apex / TE: every CPU run), Megatron-Core
+    copies each loaded parameter state into *every* key of the Adam state, which includes
+    ``step``, absent from the loaded tensors (it is restored separately, from the param groups):
+    a ``KeyError``. For the duration of the load, such copies skip keys the loaded state lacks.
+    """
+    patched = _torch_adam_distributed_optimizers(optimizer)
+    for opt in patched:
+        opt._set_main_param_and_optimizer_states = partial(_set_present_states, opt)
+    try:
+        optimizer.load_state_dict(state)
+    finally:
+        for opt in patched:
+            del opt._set_main_param_and_optimizer_states
+
+
+def _set_present_states(opt, model_param, tensors: dict) -> None:
+    group_index, group_order = opt.model_param_group_index_map[model_param]
+    main_param = opt.optimizer.param_groups[group_index]["params"][group_order]
+    destination = {"param": main_param, **opt.optimizer.state[main_param]}
+    for key, value in tensors.items():
+        destination[key].copy_(value)
+
+
+def _prime_empty_adam_state(optimizer) -> None:
+    """Zero Adam state (with its ``step``) for parameters that have none yet.
+
+    With PyTorch's Adam (no Apex / Transformer Engine, e.g. on CPU) Megatron-Core's
+    ``DistributedOptimizer.state_dict()`` reads a ``step`` per parameter, which a fresh optimizer
+    does not have; the checkpoint's values replace these zeros when it is loaded.
+    """
+    for opt in _torch_adam_distributed_optimizers(optimizer):
+        inner = opt.optimizer
+        for group in inner.param_groups:
+            for param in group["params"]:
+                if not inner.state[param]:
+                    inner.state[param] = {
+                        "step": torch.tensor(0.0),
+                        "exp_avg": torch.zeros_like(param.data),
+                        "exp_avg_sq": torch.zeros_like(param.data),
+                    }
+
+
+def capture_rng() -> dict[str, Any]:
+    """Every RNG state of this rank: python, numpy, torch (CPU and CUDA), Megatron's tracker."""
+    return {
+        "random": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
+        "tracker": tensor_parallel.get_cuda_rng_tracker().get_states(),
+    }
+
+
+def restore_rng(state: dict[str, Any]) -> None:
+    random.setstate(state["random"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+    tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
+
+
+def rng_sharded_object(state: dict[str, Any] | None) -> ShardedObject:
+    """One RNG entry per rank, laid out over (pipeline, tensor, data) ranks."""
+    return ShardedObject(
+        "rng_state",
+        state,
+        (
+            parallel_state.get_pipeline_model_parallel_world_size(),
+            parallel_state.get_tensor_model_parallel_world_size(),
+            parallel_state.get_data_parallel_world_size(),
+        ),
+        (
+            parallel_state.get_pipeline_model_parallel_rank(),
+            parallel_state.get_tensor_model_parallel_rank(),
+            parallel_state.get_data_parallel_rank(),
+        ),
+        replica_id=0,
+    )
