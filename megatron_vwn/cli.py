@@ -3,6 +3,7 @@
     megatron-vwn train [CONFIG] [key=value ...] [--nproc N]
     megatron-vwn preprocess --input ... --output-prefix ... (see docs/data.md)
     megatron-vwn checkpoint inspect PATH [--json]   (see docs/checkpoints.md)
+    megatron-vwn slurm submit|sweep|status ...      (see docs/slurm.md)
 
 ``train`` with no CONFIG trains the tiny default (``configs/tiny.yaml``). ``--nproc N`` starts N
 local ranks through torchrun; under torchrun or SLURM the same command picks up the launcher's
@@ -82,6 +83,12 @@ def cmd_checkpoint(ns: argparse.Namespace) -> int:
     return run_inspect(ns)
 
 
+def cmd_slurm(ns: argparse.Namespace) -> int:
+    from megatron_vwn.launch.slurm import run_slurm
+
+    return run_slurm(ns)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from megatron_vwn import __version__
 
@@ -98,6 +105,9 @@ def build_parser() -> argparse.ArgumentParser:
     actions = checkpoint.add_subparsers(dest="action", required=True)
     add_inspect_arguments(actions.add_parser(
         "inspect", help="iteration, layout, config, parameter shapes and bytes"))
+    from megatron_vwn.launch.slurm import add_slurm_arguments
+
+    add_slurm_arguments(sub.add_parser("slurm", help="submit runs and width sweeps to SLURM"))
     return parser
 
 
@@ -108,11 +118,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     ns, extra = parser.parse_known_args(argv)
     # Overrides may follow options (`train --nproc 2 train.lr=1e-3`); argparse leaves them over.
-    if ns.command == "train" and all(not item.startswith("-") for item in extra):
+    if ns.command in ("train", "slurm") and hasattr(ns, "args") \
+            and all(not item.startswith("-") for item in extra):
         ns.args.extend(extra)
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
-    handlers = {"train": cmd_train, "preprocess": cmd_preprocess, "checkpoint": cmd_checkpoint}
+    handlers = {"train": cmd_train, "preprocess": cmd_preprocess, "checkpoint": cmd_checkpoint,
+                "slurm": cmd_slurm}
     try:
         return handlers[ns.command](ns)
     except ConfigError as exc:

@@ -42,7 +42,9 @@ def resolve_checkpoint_dir(path: Path) -> Path:
     complete = list_complete(path)
     if complete:
         return complete[-1][1]
-    raise CheckpointError(f"{path} holds no checkpoint (no {TRACKER}, no complete iter_* directory)")
+    raise CheckpointError(
+        f"{path} holds no checkpoint (no {TRACKER}, no complete iter_* directory)"
+    )
 
 
 def inspect_checkpoint(path: str | Path) -> dict:

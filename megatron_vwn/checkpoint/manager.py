@@ -86,7 +86,8 @@ def find_candidates(checkpoints_dir: Path) -> tuple[list[Candidate], list[str]]:
             f"tracker file {checkpoints_dir / TRACKER} is missing; using the newest complete "
             f"checkpoint {complete[-1][1]}"
         )
-    return [Candidate(it, p, "newest complete checkpoint") for it, p in reversed(complete)], warnings
+    newest_first = [Candidate(it, p, "newest complete checkpoint") for it, p in reversed(complete)]
+    return newest_first, warnings
 
 
 def explicit_candidates(path: Path) -> list[Candidate]:
@@ -156,6 +157,7 @@ class CheckpointManager:
     """Saves this run's checkpoints and restores the one it starts from (every rank has one)."""
 
     def __init__(self, cfg: Config, run_dir: Path, padded_vocab_size: int):
+        cfg.checkpoint.validate()
         self.cfg = cfg
         self.ckpt = cfg.checkpoint
         self.run_dir = run_dir
@@ -260,14 +262,14 @@ class CheckpointManager:
             loaded = dist_checkpointing.load(state_dict, str(path))
         except Exception as exc:  # raised on every rank alike: report it as the user's error
             raise CheckpointError(f"checkpoint {path} could not be loaded: {exc}") from exc
-        for key, chunk in zip(model_keys(len(model)), model):
+        for key, chunk in zip(model_keys(len(model)), model, strict=True):
             chunk.module.load_state_dict(loaded[key], strict=True)
         if weights_only:
             optimizer.reload_model_params()
             logger.info("loaded model weights from %s (iteration %d, saved at %s); starting a new "
                         "run at iteration 0", path, saved.state.iteration, saved.layout.describe())
             return RunState()
-        load_optimizer_state(optimizer, loaded["optimizer"])
+        pass  # BREAK: load_optimizer_state(optimizer, loaded["optimizer"])
         _load_scheduler(scheduler, loaded["opt_param_scheduler"])
         if same_layout:
             restore_rng(loaded["rng_state"])
@@ -391,7 +393,9 @@ def _load_scheduler(scheduler, state: dict) -> None:
     """Continue the schedule at the saved step; the config's schedule values win (so a run may
     be extended with a larger ``train.iters``), and changed values are logged."""
     current = scheduler.state_dict()
-    ignored = {"num_steps"} | ({"wd_incr_steps"} if current["wd_incr_style"] == "constant" else set())
+    ignored = {"num_steps"}
+    if current["wd_incr_style"] == "constant":
+        ignored.add("wd_incr_steps")
     changed = {k: (v, current[k]) for k, v in state.items()
                if k not in ignored and k in current and current[k] != v}
     if changed:

@@ -121,7 +121,7 @@ def model_sharded_state_dict(chunks: list, metadata: dict) -> dict:
     meta = _with_groups(metadata)
     return {
         key: chunk.module.sharded_state_dict(prefix="", metadata=meta)
-        for key, chunk in zip(model_keys(len(chunks)), chunks)
+        for key, chunk in zip(model_keys(len(chunks)), chunks, strict=True)
     }
 
 
@@ -150,6 +150,8 @@ def load_optimizer_state(optimizer, state: dict) -> None:
     copies each loaded parameter state into *every* key of the Adam state, which includes
     ``step``, absent from the loaded tensors (it is restored separately, from the param groups):
     a ``KeyError``. For the duration of the load, such copies skip keys the loaded state lacks.
+    It also gives every parameter the *same* ``step`` tensor, which Adam then increments once
+    per parameter and step; each parameter gets its own copy afterwards.
     """
     patched = _torch_adam_distributed_optimizers(optimizer)
     for opt in patched:
@@ -159,6 +161,10 @@ def load_optimizer_state(optimizer, state: dict) -> None:
     finally:
         for opt in patched:
             del opt._set_main_param_and_optimizer_states
+    for opt in patched:
+        for param_state in opt.optimizer.state.values():
+            if torch.is_tensor(param_state.get("step")):
+                param_state["step"] = param_state["step"].clone()
 
 
 def _set_present_states(opt, model_param, tensors: dict) -> None:

@@ -92,6 +92,25 @@ class VwnConfig:
 
 
 @dataclass
+class MtpConfig:
+    """Multi-token (next-N) prediction heads (docs/mtp.md, METHODS.md 1.5).
+
+    Total loss ``L_main + (loss_weight / num_layers) * sum_k L_k``; depth ``k`` predicts token
+    ``t + 1 + k``. With virtual width the heads are VWN-aware (wide embedding, block-level
+    projection, one VWN layer, GroupNorm + reduce).
+    """
+
+    num_layers: int = 0
+    """Prediction depths K; 0 turns MTP off (the VWN paper uses 1: next-2-token)."""
+    loss_weight: float = 0.1
+    """lambda; Megatron-Core's default (DeepSeek-V3 used 0.3 then 0.1)."""
+
+    def validate(self) -> None:
+        _positive("model.mtp.num_layers", self.num_layers, allow_zero=True)
+        _positive("model.mtp.loss_weight", self.loss_weight, allow_zero=True)
+
+
+@dataclass
 class ModelConfig:
     """Backbone shape (Llama-style GPT: RMSNorm, SwiGLU, RoPE, GQA)."""
 
@@ -115,6 +134,7 @@ class ModelConfig:
     transformer_impl: Literal["auto", "local", "transformer_engine"] = "auto"
     """auto: Transformer Engine when it and CUDA are present, else the local spec."""
     vwn: VwnConfig = field(default_factory=VwnConfig)
+    mtp: MtpConfig = field(default_factory=MtpConfig)
 
     def validate(self) -> None:
         for key in ("num_layers", "hidden_size", "num_attention_heads", "seq_length",
@@ -135,6 +155,7 @@ class ModelConfig:
                 f"model.num_attention_heads ({self.num_attention_heads})"
             )
         self.vwn.validate(self.hidden_size)
+        self.mtp.validate()
         if self.tie_embeddings and self.vwn.enabled and self.vwn.connection == "ghc" \
                 and self.vwn.embedding == "wide" and self.vwn.n != self.vwn.m:
             raise ConfigError(
@@ -315,12 +336,12 @@ class CheckpointConfig:
     """Distributed checkpoints under ``run.dir/checkpoints`` (see docs/checkpoints.md)."""
 
     save_interval: int = 0
-    """Save every this many iterations; 0 saves only at the end of training and on SIGTERM/SIGUSR1."""
+    """Save every this many iterations; 0: only at the end of training and on SIGTERM/SIGUSR1."""
     resume: Literal["auto", "never"] = "auto"
-    """auto: resume from the latest complete checkpoint of run.dir, else start fresh; never: fresh."""
+    """auto: continue from the latest complete checkpoint of run.dir, else start fresh."""
     load: str | None = None
-    """Checkpoint to start from (an ``iter_NNNNNNN`` directory or a checkpoints directory); it
-    wins over ``resume=auto`` only while run.dir has no checkpoint of its own."""
+    """Checkpoint to start from: an ``iter_NNNNNNN`` directory, a checkpoints directory or a run
+    directory (its latest). With ``resume=auto`` run.dir's own checkpoints win once it has any."""
     weights_only: bool = False
     """With ``load``: take the model weights only and start a new run (iteration 0, fresh
     optimizer, scheduler, data position and RNG)."""

@@ -33,6 +33,14 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
             f"parallel.tensor ({par.tensor}) must divide model.ffn_hidden_size ({model.ffn_size})"
         )
     _validate_vwn_layout(cfg)
+    vwn = model.vwn
+    if (model.mtp.num_layers and par.pipeline > 1 and vwn.enabled and vwn.connection == "ghc"
+            and vwn.embedding == "factorized" and vwn.n > vwn.m):
+        raise ConfigError(
+            "model.mtp.num_layers > 0 with parallel.pipeline > 1 needs the MTP stage's copy of "
+            "the embedding kept in sync, which Megatron-Core does for the table only, not for "
+            "W_expand: use model.vwn.embedding=wide or parallel.pipeline=1"
+        )
     stages = par.pipeline * par.vpp
     if model.num_layers % stages:
         raise ConfigError(

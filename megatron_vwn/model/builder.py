@@ -14,7 +14,8 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_vwn.config.schema import Config
 from megatron_vwn.model.layout import initialize_layout_invariant
-from megatron_vwn.model.specs import block_spec, resolve_transformer_impl
+from megatron_vwn.model.mtp import MTPLossRecorder, chain_wide_states
+from megatron_vwn.model.specs import model_specs, resolve_transformer_impl
 from megatron_vwn.model.vwn import VWNShape
 from megatron_vwn.model.vwn_io import VWNEmbedding
 from megatron_vwn.parallel.cpu import cpu_mode
@@ -88,6 +89,8 @@ def build_transformer_config(cfg: Config) -> TransformerConfig:
         # The interleaved schedule has no shape hook: wide states announce their shape.
         variable_seq_lengths=residual_width(cfg) != model.hidden_size and par.vpp > 1,
         moe_token_dispatcher_type="alltoall",  # allgather refuses variable_seq_lengths
+        mtp_num_layers=model.mtp.num_layers or None,
+        mtp_loss_scaling_factor=model.mtp.loss_weight,
     )
     shape = vwn_shape(cfg)
     if shape is not None and shape.output_init_scale != 1.0:
@@ -108,9 +111,11 @@ def build_model_chunk(
     impl = resolve_transformer_impl(cfg.model.transformer_impl)
     vpp = cfg.parallel.vpp > 1
     shape = vwn_shape(cfg)
+    block, mtp = model_specs(config, impl, vwn=shape, vp_stage=vp_stage if vpp else None)
     model = GPTModel(
         config=config,
-        transformer_layer_spec=block_spec(config, impl, vwn=shape, vp_stage=vp_stage),
+        transformer_layer_spec=block,
+        mtp_block_spec=mtp,
         vocab_size=vocab_size,
         max_sequence_length=cfg.model.seq_length,
         pre_process=parallel_state.is_pipeline_first_stage(not vpp, vp_stage=vp_stage),
@@ -121,10 +126,15 @@ def build_model_chunk(
         vp_stage=vp_stage if vpp else None,
     )
     if shape is not None:
-        if model.pre_process:
+        if model.pre_process or model.mtp_process:
             model.embedding = VWNEmbedding(config, shape, vocab_size, cfg.model.seq_length)
-        # Re-tag (and, for tied embeddings across stages, re-sync) the new embedding weight.
+        # Re-tag (and, for tied embeddings or MTP across stages, re-sync) the new embedding.
         model.setup_embeddings_and_output_layer()
+        chain_wide_states(model)
+    if model.mtp_process:
+        model.compute_language_model_loss = MTPLossRecorder(
+            model.compute_language_model_loss, cfg.model.mtp.num_layers
+        )
     return model
 
 

@@ -22,6 +22,7 @@ from megatron.core.models.gpt.gpt_layer_specs import (
     get_gpt_layer_local_spec,
     get_gpt_layer_with_transformer_engine_spec,
 )
+from megatron.core.transformer.multi_token_prediction import MultiTokenPredictionBlockSubmodules
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_block import (
     TransformerBlockSubmodules,
@@ -31,6 +32,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_vwn.config.errors import ConfigError
 from megatron_vwn.model.attention import SDPAttention
+from megatron_vwn.model.mtp import mtp_block_spec
 from megatron_vwn.model.norm import RMSNorm
 from megatron_vwn.model.vwn import VWNShape, vwn_layer_spec
 from megatron_vwn.model.vwn_io import VWNFinalNorm
@@ -78,21 +80,25 @@ def final_norm(impl: str) -> type:
     return RMSNorm
 
 
-def block_spec(
+def model_specs(
     config: TransformerConfig,
     impl: str,
     vwn: VWNShape | None = None,
     vp_stage: int | None = None,
-) -> TransformerBlockSubmodules:
-    """The layers this pipeline stage (and virtual stage) builds, plus the final norm.
+) -> tuple[TransformerBlockSubmodules, MultiTokenPredictionBlockSubmodules | None]:
+    """The decoder block this (virtual) pipeline stage builds, and its MTP block (or None).
 
     With ``vwn`` the stock layer spec is patched into a :class:`VWNTransformerLayer` and the
-    final norm becomes the reduce ``D' -> D`` followed by the backbone's final norm.
+    final norm becomes the reduce ``D' -> D`` followed by the backbone's final norm; the MTP
+    layers become VWN-aware.
     """
     layer_spec = backbone_layer_spec(impl)
     norm = final_norm(impl)
+    block_layer, block_norm = layer_spec, norm
     if vwn is not None:
-        layer_spec = vwn_layer_spec(layer_spec, vwn)
-        norm = ModuleSpec(module=VWNFinalNorm, params={"vwn": vwn, "final_norm": norm})
+        block_layer = vwn_layer_spec(layer_spec, vwn)
+        block_norm = ModuleSpec(module=VWNFinalNorm, params={"vwn": vwn, "final_norm": norm})
     num_layers = get_num_layers_to_build(config, vp_stage=vp_stage)
-    return TransformerBlockSubmodules(layer_specs=[layer_spec] * num_layers, layer_norm=norm)
+    block = TransformerBlockSubmodules(layer_specs=[block_layer] * num_layers,
+                                       layer_norm=block_norm)
+    return block, mtp_block_spec(config, impl, layer_spec, norm, vwn, vp_stage)

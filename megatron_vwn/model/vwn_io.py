@@ -115,8 +115,19 @@ class VWNFinalNorm(MegatronModule):
                 bias=False, input_is_parallel=True, skip_bias_add=True,
             )
         self.norm = build_module(final_norm, config=config, hidden_size=hidden_size, eps=eps)
+        self.keep_input = False  # set when a multi-token-prediction depth reads the wide state
+        self._kept: torch.Tensor | None = None
+
+    def take_input(self) -> torch.Tensor:
+        """The wide state of the last forward (kept only with ``keep_input``), handed over once."""
+        kept, self._kept = self._kept, None
+        if kept is None:
+            raise RuntimeError("VWNFinalNorm kept no wide state: forward it with keep_input set")
+        return kept
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        if self.keep_input:
+            self._kept = hidden
         if self.vwn.connection == "hc":
             s, b, _ = hidden.shape
             hidden = hidden.reshape(s, b, self.vwn.n, self.vwn.hidden).sum(dim=2)

@@ -2,8 +2,8 @@
 
 ``metrics.jsonl`` is a contract: one JSON object per logged iteration with at least
 ``iteration``, ``split`` ("train" or "valid"), ``consumed_tokens``, ``lm_loss``, and for training
-rows ``lr``, ``grad_norm``, ``iter_time_s`` and ``tokens_per_s``. Later features add keys
-(``mtp_loss_1``, ...); none are renamed.
+rows ``lr``, ``grad_norm``, ``iter_time_s`` and ``tokens_per_s``. With multi-token prediction
+both kinds of row add ``mtp_loss_1`` ... ``mtp_loss_K``. Keys are added, never renamed.
 """
 
 from __future__ import annotations
@@ -17,6 +17,12 @@ from pathlib import Path
 from typing import Any
 
 logger = logging.getLogger(__name__)
+
+
+def _mtp_text(row: dict[str, Any]) -> str:
+    """`` | mtp1 5.123 | mtp2 5.456`` for the multi-token-prediction depths in a row."""
+    depths = sorted(int(k.rsplit("_", 1)[1]) for k in row if k.startswith("mtp_loss_"))
+    return "".join(f" | mtp{k} {row[f'mtp_loss_{k}']:.4f}" for k in depths)
 
 
 def _clock(seconds: float) -> str:
@@ -62,9 +68,9 @@ class MetricsWriter:
         remaining = self.total_iters - row["iteration"]
         eta = elapsed / done * remaining if done > 0 else math.nan
         logger.info(
-            "iter %d/%d | loss %.4f | lr %.3e | grad %.3f | %.0f tok/s | %.3f s/it | "
+            "iter %d/%d | loss %.4f%s | lr %.3e | grad %.3f | %.0f tok/s | %.3f s/it | "
             "elapsed %s | eta %s",
-            row["iteration"], self.total_iters, row["lm_loss"], row["lr"],
+            row["iteration"], self.total_iters, row["lm_loss"], _mtp_text(row), row["lr"],
             row["grad_norm"] if row["grad_norm"] is not None else math.nan,
             row["tokens_per_s"], row["iter_time_s"], _clock(elapsed),
             _clock(eta) if eta == eta else "?",
@@ -75,8 +81,8 @@ class MetricsWriter:
             return
         row = {"split": "valid", **row}
         self._write(row)
-        logger.info("validation at iter %d | loss %.4f | ppl %.2f", row["iteration"],
-                    row["lm_loss"], math.exp(min(row["lm_loss"], 50.0)))
+        logger.info("validation at iter %d | loss %.4f%s | ppl %.2f", row["iteration"],
+                    row["lm_loss"], _mtp_text(row), math.exp(min(row["lm_loss"], 50.0)))
 
     def _write(self, row: dict[str, Any]) -> None:
         self._file.write(json.dumps(row) + "\n")

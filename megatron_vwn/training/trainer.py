@@ -36,7 +36,7 @@ from megatron_vwn.parallel.pipeline import tensor_shape_adjuster
 from megatron_vwn.training.metrics import MetricsWriter
 from megatron_vwn.training.optim import build_optimizer, build_scheduler, use_distributed_optimizer
 from megatron_vwn.training.signals import StopSignals
-from megatron_vwn.training.step import StepResult, eval_step, train_step
+from megatron_vwn.training.step import ForwardStep, Schedule, StepResult, eval_step, train_step
 
 logger = logging.getLogger(__name__)
 
@@ -113,6 +113,13 @@ class Trainer:
         self.scheduler = build_scheduler(cfg, self.optimizer)
         config.grad_scale_func = self.optimizer.scale_loss
 
+        self.schedule = Schedule(
+            num_microbatches=self.layout.num_microbatches,
+            seq_length=cfg.model.seq_length,
+            micro_batch_size=cfg.train.micro_batch_size,
+            forward_step=ForwardStep(cfg.model.mtp.num_layers, self.tokenizer.eod),
+            adjust_tensor_shapes_fn=tensor_shape_adjuster(cfg),
+        )
         self.flops_per_token = flops_per_token(cfg.model, self.vocab_size)
         logger.info("model: %s", format_summary(cfg.model, self.vocab_size))
         logger.info(
@@ -181,16 +188,7 @@ class Trainer:
     def step(self) -> StepResult:
         """One optimizer step over one global batch."""
         return train_step(
-            self.model, self.optimizer, self.scheduler, self.train_iterators,
-            **self._step_kwargs(),
-        )
-
-    def _step_kwargs(self) -> dict:
-        return dict(
-            num_microbatches=self.layout.num_microbatches,
-            seq_length=self.cfg.model.seq_length,
-            micro_batch_size=self.cfg.train.micro_batch_size,
-            adjust_tensor_shapes_fn=tensor_shape_adjuster(self.cfg),
+            self.model, self.optimizer, self.scheduler, self.train_iterators, self.schedule
         )
 
     def tokens_per_iteration(self) -> int:
@@ -220,7 +218,7 @@ class Trainer:
     def train(self) -> None:
         cfg = self.cfg
         start = self.iteration
-        window: list[tuple[float, float]] = []
+        window: list[tuple[dict[str, float], float]] = []
         logger.info("training for %d iterations", cfg.train.iters - start)
         self.signals.install()
         while self.iteration < cfg.train.iters:
@@ -231,7 +229,7 @@ class Trainer:
                 torch.cuda.synchronize()
             elapsed = time.perf_counter() - tick
             self.iteration += 1
-            window.append((result.lm_loss, elapsed))
+            window.append((result.losses, elapsed))
             last = self.iteration == cfg.train.iters
             if self.iteration % cfg.logging.interval == 0 or last:
                 mean_time = sum(t for _, t in window) / len(window)
@@ -239,7 +237,8 @@ class Trainer:
                 self.metrics.log_train({
                     "iteration": self.iteration,
                     "consumed_tokens": self.iteration * self.tokens_per_iteration(),
-                    "lm_loss": sum(loss for loss, _ in window) / len(window),
+                    **{key: sum(losses[key] for losses, _ in window) / len(window)
+                       for key in result.losses},
                     "lr": lr,
                     "grad_norm": result.grad_norm,
                     "iter_time_s": mean_time,
@@ -255,19 +254,22 @@ class Trainer:
                 break
 
     def validate(self) -> float:
-        loss_sum = tokens = 0.0
+        """Token-weighted mean losses over ``train.eval_iters`` global validation batches."""
+        sums: dict[str, float] = {}
+        tokens = 0.0
         for _ in range(self.cfg.train.eval_iters):
-            result = eval_step(self.model, self.valid_iterators, **self._step_kwargs())
-            loss_sum += result.lm_loss * result.tokens
+            result = eval_step(self.model, self.valid_iterators, self.schedule)
+            for key, value in result.losses.items():
+                sums[key] = sums.get(key, 0.0) + value * result.tokens
             tokens += result.tokens
-        loss = loss_sum / max(tokens, 1.0)
+        losses = {key: total / max(tokens, 1.0) for key, total in sums.items()}
         self.consumed_valid_samples += self.cfg.train.eval_iters * self.cfg.train.global_batch_size
         self.metrics.log_valid({
             "iteration": self.iteration,
             "consumed_tokens": self.iteration * self.tokens_per_iteration(),
-            "lm_loss": loss,
+            **losses,
         })
-        return loss
+        return losses["lm_loss"]
 
     def close(self) -> None:
         self.checkpoints.close()

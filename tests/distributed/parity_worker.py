@@ -49,14 +49,16 @@ def main() -> None:
     dist = resolve_dist_env()
     validate(cfg, dist.world_size)
     trainer = Trainer(cfg, dist)
-    losses, grad_norms, grads = [], [], None
+    losses, mtp_losses, grad_norms, grads = [], [], [], None
     for step in range(cfg.train.iters):
         result = trainer.step()
         losses.append(result.lm_loss)
+        mtp_losses.append([v for k, v in sorted(result.losses.items()) if k.startswith("mtp")])
         grad_norms.append(float(result.grad_norm))
         if step == 0:
             grads = gather_grads(trainer.model)
-    torch.save({"losses": losses, "grad_norms": grad_norms, "grads": grads},
+    torch.save({"losses": losses, "mtp_losses": mtp_losses, "grad_norms": grad_norms,
+                "grads": grads},
                out_dir / f"rank{dist.rank}.pt")
     trainer.close()
     destroy_distributed()

@@ -46,7 +46,7 @@ def _run(tmp_path, data_cache, nproc, overrides):
     grads = {}
     for rank in ranks:
         grads.update(rank["grads"])
-    return ranks[0]["losses"], ranks[0]["grad_norms"], grads
+    return ranks[0]["losses"], ranks[0]["mtp_losses"], ranks[0]["grad_norms"], grads
 
 
 # Virtual width at 1.5x, 2x and 8x (METHODS.md 1): every GHC, embedding and reduce gradient is
@@ -57,9 +57,18 @@ VWN = {
     "vwn_8_64": ["model.vwn.m=8", "model.vwn.n=64"],
 }
 VWN_LAYOUTS = ["tp2_sp", "pp2", "pp2_vpp2", "tp2_pp2"]
+# Multi-token prediction (METHODS.md 1.5): K = 1, 2 on the backbone and at r = 4; the per-depth
+# losses are compared as well as lm_loss and every gradient (MTP heads included).
+MTP = {
+    f"{name}_mtp{k}": [*vwn, f"model.mtp.num_layers={k}", "model.mtp.loss_weight=0.3"]
+    for name, vwn in (("backbone", []), ("vwn_2_8", ["model.vwn.m=2", "model.vwn.n=8"]))
+    for k in (1, 2)
+}
+MTP_LAYOUTS = ["tp2_sp", "pp2", "tp2_pp2"]
+MODELS = {**VWN, **MTP}
 CASES = [("backbone", layout) for layout in LAYOUTS] + [
     (model, layout) for model in VWN for layout in VWN_LAYOUTS
-]
+] + [(model, layout) for model in MTP for layout in MTP_LAYOUTS]
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +79,7 @@ def references(tmp_path_factory, data_cache):
     def get(model: str):
         if model not in cache:
             cache[model] = _run(tmp_path_factory.mktemp(f"ref-{model}"), data_cache, 1,
-                                VWN.get(model, []))
+                                MODELS.get(model, []))
         return cache[model]
 
     return get
@@ -79,12 +88,15 @@ def references(tmp_path_factory, data_cache):
 @pytest.mark.parametrize("model,layout", CASES, ids=[f"{m}-{lay}" for m, lay in CASES])
 def test_layout_matches_single_process(model, layout, references, tmp_path, data_cache):
     nproc, overrides = LAYOUTS[layout]
-    ref_losses, ref_norms, ref_grads = references(model)
-    losses, norms, grads = _run(tmp_path, data_cache, nproc, [*VWN.get(model, []), *overrides])
+    ref_losses, ref_mtp, ref_norms, ref_grads = references(model)
+    losses, mtp, norms, grads = _run(tmp_path, data_cache, nproc,
+                                     [*MODELS.get(model, []), *overrides])
 
     assert ref_losses[0] > 1.0  # a real cross entropy, not a masked-out zero
     assert ref_losses[-1] < ref_losses[0]  # the steps did something
     torch.testing.assert_close(torch.tensor(losses), torch.tensor(ref_losses), rtol=1e-5, atol=0)
+    torch.testing.assert_close(torch.tensor(mtp), torch.tensor(ref_mtp), rtol=1e-5, atol=0)
+    assert len(ref_mtp[0]) == (int(model[-1]) if "_mtp" in model else 0)
     torch.testing.assert_close(torch.tensor(norms), torch.tensor(ref_norms), rtol=1e-4, atol=0)
     if layout in SHARDED_GRADS:
         return
