@@ -56,3 +56,15 @@ def test_nproc_launches_tensor_parallel_ranks(tmp_path, data_cache):
                         "parallel.sequence_parallel=true", "--nproc", "2")
     assert [r["iteration"] for r in rows] == [2, 4]
     assert "tensor 2 x pipeline 1" in proc.stdout
+
+
+def test_tiny_8x_trains_at_tp2_and_pp2(tmp_path, data_cache):
+    """The 8x VWN config trains through the CLI under tensor (with SP) and pipeline parallelism."""
+    for layout in (["parallel.tensor=2", "parallel.sequence_parallel=true"],
+                   ["parallel.pipeline=2"]):
+        out = tmp_path / layout[0].split("=")[0]
+        _, rows = _train(out, data_cache, "vwn/tiny_8x", "train.iters=8", "train.eval_interval=0",
+                         "train.warmup_iters=2", "logging.interval=4", "logging.wandb=off",
+                         "checkpoint.save_interval=0", *layout, "--nproc", "2")
+        assert [r["iteration"] for r in rows] == [4, 8]
+        assert rows[-1]["lm_loss"] < rows[0]["lm_loss"] < 8.5
