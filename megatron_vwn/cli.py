@@ -4,6 +4,7 @@
     megatron-vwn preprocess --input ... --output-prefix ... (see docs/data.md)
     megatron-vwn checkpoint inspect PATH [--json]   (see docs/checkpoints.md)
     megatron-vwn slurm submit|sweep|status ...      (see docs/slurm.md)
+    megatron-vwn convert hf|from-hf ...             (see docs/convert.md)
 
 ``train`` with no CONFIG trains the tiny default (``configs/tiny.yaml``). ``--nproc N`` starts N
 local ranks through torchrun; under torchrun or SLURM the same command picks up the launcher's
@@ -13,7 +14,6 @@ environment. Bad input is reported as one line (exit status 2) before any proces
 from __future__ import annotations
 
 import argparse
-import os
 import subprocess
 import sys
 from collections.abc import Sequence
@@ -37,17 +37,13 @@ def _split_config_and_overrides(args: list[str]) -> tuple[str, list[str]]:
     return DEFAULT_CONFIG, args
 
 
-def _under_launcher() -> bool:
-    return "RANK" in os.environ or "SLURM_PROCID" in os.environ
-
-
 def cmd_train(ns: argparse.Namespace) -> int:
     from megatron_vwn.config import load_config, validate
-    from megatron_vwn.launch.env import resolve_dist_env
+    from megatron_vwn.launch.env import resolve_dist_env, under_launcher
 
     config_path, overrides = _split_config_and_overrides(ns.args)
     cfg = load_config(config_path, overrides)
-    if ns.nproc is not None and not _under_launcher():
+    if ns.nproc is not None and not under_launcher():
         if ns.nproc < 1:
             raise ConfigError(f"--nproc ({ns.nproc}) must be >= 1")
         validate(cfg, ns.nproc)
@@ -89,6 +85,12 @@ def cmd_slurm(ns: argparse.Namespace) -> int:
     return run_slurm(ns)
 
 
+def cmd_convert(ns: argparse.Namespace) -> int:
+    from megatron_vwn.convert.cli import run_convert
+
+    return run_convert(ns)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from megatron_vwn import __version__
 
@@ -108,6 +110,9 @@ def build_parser() -> argparse.ArgumentParser:
     from megatron_vwn.launch.slurm import add_slurm_arguments
 
     add_slurm_arguments(sub.add_parser("slurm", help="submit runs and width sweeps to SLURM"))
+    from megatron_vwn.convert.cli import add_convert_arguments
+
+    add_convert_arguments(sub.add_parser("convert", help="Hugging Face export and import"))
     return parser
 
 
@@ -124,7 +129,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     handlers = {"train": cmd_train, "preprocess": cmd_preprocess, "checkpoint": cmd_checkpoint,
-                "slurm": cmd_slurm}
+                "slurm": cmd_slurm, "convert": cmd_convert}
     try:
         return handlers[ns.command](ns)
     except ConfigError as exc:

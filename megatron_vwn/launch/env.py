@@ -34,7 +34,7 @@ def resolve_dist_env() -> DistEnv:
             master_addr=env.get("MASTER_ADDR", "127.0.0.1"),
             master_port=int(env.get("MASTER_PORT", 29500)),
         )
-    if "SLURM_PROCID" in env and "SLURM_NTASKS" in env and "MASTER_ADDR" in env:
+    if under_launcher():  # one srun task per GPU
         return DistEnv(
             rank=int(env["SLURM_PROCID"]),
             world_size=int(env["SLURM_NTASKS"]),
@@ -45,7 +45,13 @@ def resolve_dist_env() -> DistEnv:
     return DistEnv(0, 1, 0, "127.0.0.1", free_port())
 
 
-def launched_world_size() -> int | None:
-    """The world size the launcher announced, if any (for validation before init)."""
-    dist = resolve_dist_env()
-    return dist.world_size if ("RANK" in os.environ or "SLURM_PROCID" in os.environ) else None
+def under_launcher() -> bool:
+    """True when torchrun or an ``srun`` step already started this process as one rank.
+
+    A plain sbatch batch script also sets ``SLURM_PROCID``; without ``MASTER_ADDR`` exported it
+    is not a launch, so ``megatron-vwn train --nproc N`` there still starts its own ranks.
+    """
+    env = os.environ
+    if "RANK" in env and "WORLD_SIZE" in env:
+        return True
+    return "SLURM_PROCID" in env and "SLURM_NTASKS" in env and "MASTER_ADDR" in env

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import time
 from dataclasses import asdict, dataclass, field
@@ -219,6 +220,7 @@ def write_manifest(spec: SweepSpec, runs: list[SweepRun], site: dict[str, Any]) 
         "config": spec.config,
         "overrides": spec.overrides,
         "token_budget": token_budget(spec),
+        "submit_dir": os.getcwd(),  # jobs run here: relative run directories start from it
         "runs": [{k: v for k, v in asdict(run).items() if k != "job_ids"} for run in runs],
         "site": site,
         "submissions": [*previous.get("submissions", []), submission],
@@ -238,8 +240,10 @@ def summarize_sweep(directory: str | Path) -> list[dict[str, Any]]:
     manifest = json.loads(manifest_path.read_text())
     jobs = manifest["submissions"][-1]["jobs"] if manifest.get("submissions") else {}
     summary = []
+    base = Path(manifest.get("submit_dir", "."))
     for run in manifest["runs"]:
-        rows = read_metrics(Path(run["run_dir"]) / "metrics.jsonl")
+        run_dir = base / run["run_dir"]  # an absolute run_dir stays as it is
+        rows = read_metrics(run_dir / "metrics.jsonl")
         train = [r for r in rows if r.get("split") == "train"]
         valid = [r for r in rows if r.get("split") == "valid"]
         summary.append({
@@ -249,7 +253,7 @@ def summarize_sweep(directory: str | Path) -> list[dict[str, Any]]:
             "train_loss": train[-1]["lm_loss"] if train else None,
             "valid_loss": valid[-1]["lm_loss"] if valid else None,
             "valid_iteration": valid[-1]["iteration"] if valid else None,
-            "checkpoint": latest_complete_iteration(run["run_dir"]),
+            "checkpoint": latest_complete_iteration(run_dir),
             "jobs": jobs.get(run["name"], []),
         })
     return summary

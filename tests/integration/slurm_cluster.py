@@ -11,7 +11,9 @@ stops the daemons it started by their pids, then removes the ``/etc/hosts`` line
 
 from __future__ import annotations
 
+import fcntl
 import os
+import random
 import re
 import secrets
 import shutil
@@ -143,10 +145,14 @@ class LocalCluster:
 
 
 def _remove_hosts_line(line: str) -> None:
-    lines = HOSTS.read_text().splitlines(keepends=True)
-    kept = [item for item in lines if item.rstrip("\n") != line]
-    if len(kept) != len(lines):
-        HOSTS.write_text("".join(kept))
+    with HOSTS.open("r+") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)  # other test sessions edit it too
+        lines = f.read().splitlines(keepends=True)
+        kept = [item for item in lines if item.rstrip("\n") != line]
+        if len(kept) != len(lines):
+            f.seek(0)
+            f.write("".join(kept))
+            f.truncate()
 
 
 def _slurm_conf(root: Path, nodes: list[str], ports: list[int], ctld_port: int,
@@ -155,10 +161,12 @@ def _slurm_conf(root: Path, nodes: list[str], ports: list[int], ctld_port: int,
     node_lines = "\n".join(
         f"NodeName={name} NodeHostname={host} NodeAddr=127.0.0.1 Port={port} CPUs={cpus} "
         f"RealMemory=1000 State=UNKNOWN"
-        for name, port in zip(nodes, ports)
+        for name, port in zip(nodes, ports, strict=True)
     )
     return f"""\
 # Local test cluster (tests/integration/slurm_cluster.py): {len(nodes)} emulated nodes.
+# cred_expire=5 and the short scheduling intervals make a requeued job start again within
+# seconds (SLURM holds it for the credential lifetime, 120 s by default).
 ClusterName=mvwntest
 SlurmctldHost={host}(127.0.0.1)
 SlurmctldPort={ctld_port}
@@ -166,12 +174,13 @@ SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
 CredType=cred/munge
-AuthInfo=socket={root}/munge/munge.socket,cred_expire=10
+AuthInfo=socket={root}/munge/munge.socket,cred_expire=5
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
 SelectType=select/cons_tres
 SelectTypeParameters=CR_Core
 SchedulerType=sched/backfill
+SchedulerParameters=sched_interval=2,bf_interval=1
 SwitchType=switch/none
 MpiDefault=none
 AccountingStorageType=accounting_storage/none
@@ -211,7 +220,9 @@ def start_cluster(root: Path, num_nodes: int = 2, cpus: int = 1,
     (root / "plugstack.conf").write_text("")
     conf = root / "slurm.conf"
     conf.write_text(_slurm_conf(root, nodes, ports, ctld_port, cpus))
-    env = {**os.environ, "SLURM_CONF": str(conf)}
+    # Jobs of two clusters on one host must not share a rendezvous port (train.sbatch).
+    env = {**os.environ, "SLURM_CONF": str(conf),
+           "MVWN_MASTER_PORT_BASE": str(random.randrange(21000, 60000))}
     for var in [v for v in env if v.startswith(("SLURM_", "SBATCH_", "SRUN_", "SALLOC_"))]:
         if var != "SLURM_CONF":
             env.pop(var)
@@ -243,6 +254,7 @@ def _add_hosts_entry(cluster: LocalCluster) -> None:
     """Make the node names resolve to 127.0.0.1 (a rendezvous on the first node needs it)."""
     line = f"127.0.0.1 {' '.join(cluster.nodes)}  # megatron-vwn test cluster {cluster.root}"
     with HOSTS.open("a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
         f.write(line + "\n")
     cluster.hosts_line = line
 
