@@ -1,0 +1,101 @@
+"""The key maps: megatron-vwn's ``GPTModel`` names -> ``LlamaForCausalLM`` and ``VWNForCausalLM``.
+
+Megatron names are those of the single-process model on the local spec (checkpoints store the
+same tensors under Transformer Engine names; loading through :mod:`.megatron_io` resolves that).
+The full table, with shapes, is in docs/convert.md.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from megatron_vwn.config.schema import ModelConfig
+from megatron_vwn.convert.keymap import FusedGateUp, FusedQKV, Rule, Same, VocabRows
+
+GHC_PARAMS = ("static_read", "static_carry", "static_write", "norm_weight", "proj", "scale_a",
+              "scale_b")
+
+
+@dataclass(frozen=True)
+class MapShape:
+    """What the transforms need: attention layout and the vocabulary with and without padding."""
+
+    heads: int
+    groups: int
+    head_dim: int
+    vocab: int
+    padded_vocab: int
+
+    @classmethod
+    def of(cls, model: ModelConfig, vocab: int, padded_vocab: int) -> MapShape:
+        return cls(heads=model.num_attention_heads, groups=model.query_groups,
+                   head_dim=model.hidden_size // model.num_attention_heads, vocab=vocab,
+                   padded_vocab=padded_vocab)
+
+
+def layer_rules(megatron: str, hf: str, shape: MapShape, ghc: bool) -> list[Rule]:
+    """One transformer layer: ``megatron`` and ``hf`` are the layer prefixes (with ``.``)."""
+    qkv = FusedQKV(shape.heads, shape.groups, shape.head_dim)
+    rules = [
+        Rule(f"{megatron}input_layernorm.weight", (f"{hf}input_layernorm.weight",)),
+        Rule(f"{megatron}self_attention.linear_qkv.weight",
+             (f"{hf}self_attn.q_proj.weight", f"{hf}self_attn.k_proj.weight",
+              f"{hf}self_attn.v_proj.weight"), qkv),
+        Rule(f"{megatron}self_attention.linear_proj.weight", (f"{hf}self_attn.o_proj.weight",)),
+        Rule(f"{megatron}pre_mlp_layernorm.weight", (f"{hf}post_attention_layernorm.weight",)),
+        Rule(f"{megatron}mlp.linear_fc1.weight",
+             (f"{hf}mlp.gate_proj.weight", f"{hf}mlp.up_proj.weight"), FusedGateUp()),
+        Rule(f"{megatron}mlp.linear_fc2.weight", (f"{hf}mlp.down_proj.weight",)),
+    ]
+    if ghc:
+        for ours, theirs in (("attention_ghc", "attn_ghc"), ("mlp_ghc", "mlp_ghc")):
+            rules += [Rule(f"{megatron}{ours}.{p}", (f"{hf}{theirs}.{p}",)) for p in GHC_PARAMS]
+    return rules
+
+
+def output_norm_rules(megatron: str, hf: str) -> list[Rule]:
+    """The final norm: plain RMSNorm (backbone) or VWN's GroupNorm + reduce + RMSNorm."""
+    return [
+        Rule(f"{megatron}weight", (f"{hf}norm.weight",)),  # backbone: the RMSNorm itself
+        Rule(f"{megatron}norm.weight", (f"{hf}norm.weight",)),
+        Rule(f"{megatron}group_norm.weight", (f"{hf}group_norm.weight",)),
+        Rule(f"{megatron}group_norm.bias", (f"{hf}group_norm.bias",)),
+        Rule(f"{megatron}reduce.weight", (f"{hf}reduce.weight",)),
+    ]
+
+
+def mtp_rules(shape: MapShape) -> list[Rule]:
+    """Multi-token-prediction depths -> ``mtp.{k}.*`` (the names of ``VWNForCausalLM.mtp``)."""
+    return [
+        Rule("mtp.layers.{k}.enorm.weight", ("mtp.{k}.enorm.weight",)),
+        Rule("mtp.layers.{k}.hnorm.weight", ("mtp.{k}.hnorm.weight",)),
+        Rule("mtp.layers.{k}.eh_proj.weight", ("mtp.{k}.eh_proj.weight",)),
+        *layer_rules("mtp.layers.{k}.transformer_layer.", "mtp.{k}.layer.", shape, ghc=True),
+        *output_norm_rules("mtp.layers.{k}.final_layernorm.", "mtp.{k}.output_norm."),
+    ]
+
+
+def llama_rules(shape: MapShape) -> list[Rule]:
+    """Backbone -> ``LlamaForCausalLM`` (MTP depths -> ``mtp.{k}.*``, stored beside it)."""
+    vocab = VocabRows(shape.vocab, shape.padded_vocab)
+    return [
+        Rule("embedding.word_embeddings.weight", ("model.embed_tokens.weight",), vocab),
+        *layer_rules("decoder.layers.{i}.", "model.layers.{i}.", shape, ghc=False),
+        Rule("decoder.final_layernorm.weight", ("model.norm.weight",), Same()),
+        Rule("output_layer.weight", ("lm_head.weight",), vocab),
+        *mtp_rules(shape),
+    ]
+
+
+def vwn_rules(shape: MapShape) -> list[Rule]:
+    """VWN / HC / Frac models (and the backbone as ``vwn_connection=none``) ->
+    ``VWNForCausalLM``."""
+    vocab = VocabRows(shape.vocab, shape.padded_vocab)
+    return [
+        Rule("embedding.word_embeddings.weight", ("model.embedding.embed_tokens.weight",), vocab),
+        Rule("embedding.expand", ("model.embedding.expand.weight",)),
+        *layer_rules("decoder.layers.{i}.", "model.layers.{i}.", shape, ghc=True),
+        *output_norm_rules("decoder.final_layernorm.", "model.output_norm."),
+        Rule("output_layer.weight", ("lm_head.weight",), vocab),
+        *mtp_rules(shape),
+    ]

@@ -1,0 +1,479 @@
+"""``VWNForCausalLM``: Virtual Width Networks (and hyper-/frac-connections) for transformers.
+
+Self-contained (torch + transformers), written by ``megatron-vwn convert hf`` next to the weights
+of a megatron-vwn model; it reproduces that model's forward pass. Tensors are ``[b, s, ...]``.
+
+Backbone (Llama): RMSNorm pre-norm, grouped-query attention with rotate-half RoPE, SwiGLU MLP.
+Virtual width (VWN arXiv 2511.11238, HC 2409.19606, FC 2503.14125): the residual stream is a wide
+state ``H`` of ``D' = n * d_b`` (``d_b = D / m``), viewed as ``n`` segments. Around every
+sublayer ``T`` a generalized hyper-connection (GHC) reads the ``D``-wide input and writes back:
+
+    X  = A_read(H)^T H                    [n, d_b] -> [m, d_b] -> x in R^D
+    Z  = T(x)                             the sublayer (its pre-norm inside, no residual add)
+    H' = B(H)^T Z + A_carry(H)^T H        [n, d_b]
+
+    dynamic part (fp32):  Hn = RMSNorm_{d_b}(H);  C = tanh(Hn [W_a | W_b] / tau)
+                          A(H) = S_a * C[:, :m+n] + [A_read | A_carry]
+                          B(H) = (S_b * C[:, m+n:])^T + B
+
+Input: ``wide`` table ``V x D'``, ``factorized`` ``V x D`` then ``W_expand: D -> D'``, or HC's
+``D`` embedding replicated ``n`` times. Output: GroupNorm (groups of ``D``) and
+``W_reduce: D' -> D`` (VWN), the sum of the ``n`` streams (HC) or nothing (Frac), then the final
+RMSNorm and the LM head. ``vwn_connection = "none"`` is the plain residual backbone.
+
+Multi-token prediction heads (``config.num_mtp_layers``) are loaded with the model but unused by
+``forward`` and ``generate``; :meth:`VWNForCausalLM.mtp_logits` returns their next-N logits.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import GenerationMixin, PreTrainedModel
+from transformers.cache_utils import Cache, DynamicCache
+from transformers.modeling_outputs import CausalLMOutputWithPast
+from transformers.utils import ModelOutput
+
+from .configuration_vwn import VWNConfig
+
+
+class VWNRMSNorm(nn.Module):
+    """``x / rms(x) * g`` over the last dimension (as megatron-vwn: ``F.rms_norm``)."""
+
+    def __init__(self, hidden_size: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+
+
+def rotary_cos_sin(config: VWNConfig, position_ids: torch.Tensor, dtype: torch.dtype):
+    """``cos, sin`` ``[b, s, head_dim]`` of rotate-half RoPE (fp32 angles, cast to ``dtype``)."""
+    dim = config.head_dim
+    inv_freq = 1.0 / (config.rope_theta ** (
+        torch.arange(0, dim, 2, dtype=torch.float32, device=position_ids.device) / dim))
+    freqs = position_ids[..., None].float() * inv_freq  # [b, s, dim/2]
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+class VWNAttention(nn.Module):
+    """Causal grouped-query self-attention with RoPE and a KV cache (SDPA)."""
+
+    def __init__(self, config: VWNConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.heads = config.num_attention_heads
+        self.groups = config.num_key_value_heads
+        self.head_dim = config.head_dim
+        hidden = config.hidden_size
+        self.q_proj = nn.Linear(hidden, self.heads * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(hidden, self.groups * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(hidden, self.groups * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(self.heads * self.head_dim, hidden, bias=False)
+
+    def forward(self, x, cos, sin, mask, cache: Cache | None):
+        b, s, _ = x.shape
+        q = self.q_proj(x).view(b, s, self.heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(b, s, self.groups, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(b, s, self.groups, self.head_dim).transpose(1, 2)
+        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # [b, 1, s, d]
+        q = q * cos + rotate_half(q) * sin
+        k = k * cos + rotate_half(k) * sin
+        if cache is not None:
+            k, v = cache.update(k, v, self.layer_idx)
+        gqa = self.groups != self.heads
+        if mask is None:  # no padding: causal over a fresh sequence, or one new token
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=s > 1, enable_gqa=gqa)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+        return self.o_proj(out.transpose(1, 2).reshape(b, s, self.heads * self.head_dim))
+
+
+class VWNMLP(nn.Module):
+    """SwiGLU: ``down(silu(gate(x)) * up(x))``."""
+
+    def __init__(self, config: VWNConfig):
+        super().__init__()
+        hidden, inner = config.hidden_size, config.intermediate_size
+        self.gate_proj = nn.Linear(hidden, inner, bias=False)
+        self.up_proj = nn.Linear(hidden, inner, bias=False)
+        self.down_proj = nn.Linear(inner, hidden, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class GHC(nn.Module):
+    """One generalized hyper-connection (static + optional dynamic coefficients).
+
+    ``static_read`` ``[n, m]``, ``static_carry`` ``[n, n]``, ``static_write`` ``[m, n]``;
+    dynamic: ``norm_weight`` ``[d_b]``, ``proj`` ``[d_b, 2m + n]``, ``scale_a`` ``[n, m + n]``,
+    ``scale_b`` ``[n, m]`` (``[1]`` each with scalar scales). Coefficients in fp32.
+    """
+
+    def __init__(self, config: VWNConfig):
+        super().__init__()
+        m, n, d_b = config.vwn_m, config.vwn_n, config.segment_width
+        self.m, self.n, self.d_b = m, n, d_b
+        self.dynamic = config.vwn_dynamic
+        self.tau = config.vwn_tau
+        self.eps = config.ghc_norm_eps
+        self.static_read = nn.Parameter(torch.zeros(n, m))
+        self.static_carry = nn.Parameter(torch.eye(n))
+        self.static_write = nn.Parameter(torch.zeros(m, n))
+        if self.dynamic:
+            scalar = config.vwn_scalar_scales
+            self.norm_weight = nn.Parameter(torch.ones(d_b))
+            self.proj = nn.Parameter(torch.zeros(d_b, 2 * m + n))
+            self.scale_a = nn.Parameter(torch.ones((1,) if scalar else (n, m + n)))
+            self.scale_b = nn.Parameter(torch.ones((1,) if scalar else (n, m)))
+
+    def coefficients(self, state: torch.Tensor):
+        """Read ``[T, n, m]``, carry ``[T, n, n]``, write ``[T, m, n]`` for ``state [T, n, d_b]``
+        (the static 2-D matrices when not dynamic)."""
+        if not self.dynamic:
+            return self.static_read, self.static_carry, self.static_write
+        normed = F.rms_norm(state.float(), (self.d_b,), self.norm_weight.float(), self.eps)
+        coeffs = torch.tanh(normed @ self.proj.float() / self.tau)
+        mn = self.m + self.n
+        dyn_a = self.scale_a.float() * coeffs[..., :mn]
+        dyn_b = self.scale_b.float() * coeffs[..., mn:]
+        a = (dyn_a + torch.cat([self.static_read, self.static_carry], dim=1).float())
+        a = a.to(state.dtype)
+        write = (dyn_b.transpose(-1, -2) + self.static_write.float()).to(state.dtype)
+        return a[..., : self.m], a[..., self.m:], write
+
+    def read(self, hidden: torch.Tensor):
+        """``[b, s, D']`` -> sublayer input ``[b, s, D]`` and what :meth:`write` needs."""
+        b, s, _ = hidden.shape
+        state = hidden.reshape(b * s, self.n, self.d_b)
+        read, carry, write = self.coefficients(state)
+        x = torch.matmul(read.transpose(-1, -2), state)  # [T, m, d_b]
+        return x.reshape(b, s, self.m * self.d_b), (state, carry, write)
+
+    def write(self, output: torch.Tensor, saved) -> torch.Tensor:
+        """Sublayer output ``[b, s, D]`` -> new wide state ``[b, s, D']``."""
+        state, carry, write = saved
+        b, s, _ = output.shape
+        blocks = output.reshape(b * s, self.m, self.d_b)
+        if self.dynamic:
+            coeff = torch.cat([write, carry], dim=-2)  # [T, m + n, n]
+            new = torch.matmul(coeff.transpose(-1, -2), torch.cat([blocks, state], dim=-2))
+        else:
+            new = torch.matmul(write.t(), blocks) + torch.matmul(carry.t(), state)
+        return new.reshape(b, s, self.n * self.d_b)
+
+
+class VWNDecoderLayer(nn.Module):
+    """Pre-norm attention and SwiGLU, each wrapped by a GHC (or a plain residual add)."""
+
+    def __init__(self, config: VWNConfig, layer_idx: int):
+        super().__init__()
+        self.input_layernorm = VWNRMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = VWNAttention(config, layer_idx)
+        self.post_attention_layernorm = VWNRMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = VWNMLP(config)
+        wide = config.vwn_connection != "none"
+        self.attn_ghc = GHC(config) if wide else None
+        self.mlp_ghc = GHC(config) if wide else None
+
+    def forward(self, hidden, cos, sin, mask, cache):
+        if self.attn_ghc is None:
+            hidden = hidden + self.self_attn(self.input_layernorm(hidden), cos, sin, mask, cache)
+            return hidden + self.mlp(self.post_attention_layernorm(hidden))
+        x, saved = self.attn_ghc.read(hidden)
+        z = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
+        hidden = self.attn_ghc.write(z, saved)
+        x, saved = self.mlp_ghc.read(hidden)
+        z = self.mlp(self.post_attention_layernorm(x))
+        return self.mlp_ghc.write(z, saved)
+
+
+class VWNOutputNorm(nn.Module):
+    """Wide state ``[b, s, D']`` -> ``[b, s, D]``: (GroupNorm +) reduce, HC's sum, or nothing;
+    then the final RMSNorm."""
+
+    def __init__(self, config: VWNConfig):
+        super().__init__()
+        self.connection = config.vwn_connection
+        self.n, self.hidden = config.vwn_n, config.hidden_size
+        wide = config.wide_size
+        self.groups = wide // config.hidden_size
+        self.eps = config.rms_norm_eps
+        self.group_norm = None
+        self.reduce = None
+        if self.connection == "ghc" and wide > config.hidden_size:
+            if config.vwn_group_norm:
+                self.group_norm = nn.GroupNorm(self.groups, wide, eps=config.rms_norm_eps)
+            self.reduce = nn.Linear(wide, config.hidden_size, bias=False)
+        self.norm = VWNRMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        if self.connection == "hc":
+            b, s, _ = hidden.shape
+            hidden = hidden.reshape(b, s, self.n, self.hidden).sum(dim=2)
+        elif self.reduce is not None:
+            if self.group_norm is not None:
+                shape = hidden.shape
+                hidden = F.group_norm(hidden.reshape(-1, shape[-1]), self.groups,
+                                      self.group_norm.weight, self.group_norm.bias,
+                                      self.eps).reshape(shape)
+            hidden = self.reduce(hidden)
+        return self.norm(hidden)
+
+
+class VWNEmbedding(nn.Module):
+    """Token ids ``[b, s]`` -> the initial wide state ``[b, s, D']``."""
+
+    def __init__(self, config: VWNConfig):
+        super().__init__()
+        self.connection = config.vwn_connection
+        self.n = config.vwn_n
+        wide_table = self.connection == "ghc" and config.vwn_embedding == "wide"
+        width = config.wide_size if wide_table else config.hidden_size
+        self.embed_tokens = nn.Embedding(config.vocab_size, width)
+        self.expand = None
+        if (self.connection == "ghc" and config.vwn_embedding == "factorized"
+                and config.wide_size > config.hidden_size):
+            self.expand = nn.Linear(config.hidden_size, config.wide_size, bias=False)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        embedded = self.embed_tokens(input_ids)
+        if self.expand is not None:
+            return self.expand(embedded)
+        if self.connection == "hc":
+            return embedded.repeat(1, 1, self.n)
+        return embedded
+
+
+@dataclass
+class VWNModelOutput(ModelOutput):
+    """``last_hidden_state`` ``[b, s, D]`` (after the output norm), ``wide_hidden_state``
+    ``[b, s, D']`` (the residual stream before it), ``past_key_values``."""
+
+    last_hidden_state: torch.Tensor | None = None
+    wide_hidden_state: torch.Tensor | None = None
+    past_key_values: Cache | None = None
+
+
+class VWNPreTrainedModel(PreTrainedModel):
+    config_class = VWNConfig
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = False
+    _no_split_modules = ["VWNDecoderLayer"]
+    _skip_keys_device_placement = ["past_key_values"]
+
+    @torch.no_grad()
+    def _init_weights(self, module):
+        """Init for weights a checkpoint does not provide (training-style; GHC at VWN init)."""
+        std = self.config.initializer_range
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            module.weight.normal_(0.0, std)
+        elif isinstance(module, (VWNRMSNorm, nn.GroupNorm)):
+            module.weight.fill_(1.0)
+            if getattr(module, "bias", None) is not None:
+                module.bias.zero_()
+        elif isinstance(module, GHC):
+            m, n = module.m, module.n
+            module.static_read.zero_()
+            module.static_read[:m].copy_(torch.eye(m))
+            module.static_carry.copy_(torch.eye(n))
+            module.static_write.zero_()
+            for j in range(n):
+                module.static_write[j % m, j] = 1.0
+            if module.dynamic:
+                module.norm_weight.fill_(1.0)
+                module.proj.zero_()
+                module.scale_a.fill_(1.0)
+                module.scale_b.fill_(1.0)
+
+
+def _attention_mask(attention_mask, q_len: int, past: int, device):
+    """Boolean ``[b, 1, q, kv]`` mask (causal and padding), or None where SDPA's own causal
+    flag (fresh sequence) or no mask (one new token) is exact."""
+    kv_len = past + q_len
+    if attention_mask is None or bool(attention_mask[:, :kv_len].all()):
+        if q_len == 1 or past == 0:
+            return None
+        attention_mask = None
+    query_pos = past + torch.arange(q_len, device=device)[:, None]
+    key_pos = torch.arange(kv_len, device=device)[None, :]
+    mask = key_pos <= query_pos  # [q, kv]
+    if attention_mask is None:
+        return mask[None, None]
+    keys = attention_mask[:, None, None, :kv_len].bool()
+    # A padded query sees only itself (its output is ignored; avoids all-masked rows).
+    return mask[None, None] & (keys | (key_pos == query_pos)[None, None])
+
+
+class VWNModel(VWNPreTrainedModel):
+    """Embedding, decoder layers and the output norm; returns ``[b, s, D]`` and the wide state."""
+
+    def __init__(self, config: VWNConfig):
+        super().__init__(config)
+        self.embedding = VWNEmbedding(config)
+        self.layers = nn.ModuleList(
+            [VWNDecoderLayer(config, i) for i in range(config.num_hidden_layers)])
+        self.output_norm = VWNOutputNorm(config)
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.embedding.embed_tokens
+
+    def set_input_embeddings(self, value):
+        self.embedding.embed_tokens = value
+
+    def positions(self, input_ids, attention_mask, position_ids, past: int):
+        if position_ids is not None:
+            return position_ids
+        b, s = input_ids.shape[:2]
+        if attention_mask is not None:  # left padding: count real tokens
+            positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+            return positions[:, past:past + s]
+        return (past + torch.arange(s, device=input_ids.device)).unsqueeze(0).expand(b, -1)
+
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None,
+                past_key_values=None, inputs_embeds=None, use_cache=None, **kwargs):
+        if inputs_embeds is None:
+            inputs_embeds = self.embedding(input_ids)
+        b, s = inputs_embeds.shape[:2]
+        use_cache = self.config.use_cache if use_cache is None else use_cache
+        if use_cache and past_key_values is None:
+            past_key_values = DynamicCache(config=self.config)
+        cache = past_key_values if use_cache else None
+        past = cache.get_seq_length() if cache is not None else 0
+        ids = input_ids if input_ids is not None else torch.zeros(
+            b, s, dtype=torch.long, device=inputs_embeds.device)
+        positions = self.positions(ids, attention_mask, position_ids, past)
+        cos, sin = rotary_cos_sin(self.config, positions, inputs_embeds.dtype)
+        mask = _attention_mask(attention_mask, s, past, inputs_embeds.device)
+        hidden = inputs_embeds
+        for layer in self.layers:
+            hidden = layer(hidden, cos, sin, mask, cache)
+        return VWNModelOutput(last_hidden_state=self.output_norm(hidden),
+                              wide_hidden_state=hidden, past_key_values=cache)
+
+
+class VWNMTPLayer(nn.Module):
+    """One multi-token-prediction depth (DeepSeek-V3 style, VWN Sec. 3.4).
+
+    ``e = E-norm(embedding of the tokens shifted by k)``, ``h = H-norm(previous depth's state)``;
+    VWN: one ``Linear(2 d_b -> d_b)`` on ``[e_i ; h_i]`` of every segment; backbone (``none``):
+    ``Linear(2D -> D)`` on ``[e ; h]``. Then one decoder layer and the output norm.
+    """
+
+    def __init__(self, config: VWNConfig, layer_idx: int):
+        super().__init__()
+        width = config.wide_size
+        self.wide = config.vwn_connection != "none"
+        self.n, self.d_b = config.vwn_n, config.segment_width
+        self.enorm = VWNRMSNorm(width, config.rms_norm_eps)
+        self.hnorm = VWNRMSNorm(width, config.rms_norm_eps)
+        if self.wide:
+            self.eh_proj = nn.Linear(2 * self.d_b, self.d_b, bias=False)
+        else:
+            self.eh_proj = nn.Linear(2 * width, width, bias=False)
+        self.layer = VWNDecoderLayer(config, layer_idx)
+        self.output_norm = VWNOutputNorm(config)
+
+    def forward(self, previous, embedded, cos, sin, mask):
+        e, h = self.enorm(embedded), self.hnorm(previous)
+        if self.wide:
+            b, s, width = h.shape
+            pairs = torch.cat([e.reshape(b, s, self.n, self.d_b),
+                               h.reshape(b, s, self.n, self.d_b)], dim=-1)
+            x = self.eh_proj(pairs).reshape(b, s, width)
+        else:
+            x = self.eh_proj(torch.cat([e, h], dim=-1))
+        x = self.layer(x, cos, sin, mask, None)
+        return x, self.output_norm(x)
+
+
+class VWNForCausalLM(VWNPreTrainedModel, GenerationMixin):
+    """Causal LM head over :class:`VWNModel`; ``generate()`` with a KV cache.
+
+    The multi-token-prediction heads (``mtp``) are loaded but unused by ``forward``; call
+    :meth:`mtp_logits` for their next-N predictions (e.g. for speculative decoding).
+    """
+
+    _tied_weights_keys = {"lm_head.weight": "model.embedding.embed_tokens.weight"}
+
+    def __init__(self, config: VWNConfig):
+        super().__init__(config)
+        self.model = VWNModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.mtp = nn.ModuleList(
+            [VWNMTPLayer(config, config.num_hidden_layers + k)
+             for k in range(config.num_mtp_layers)])
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.model.embedding.embed_tokens
+
+    def set_input_embeddings(self, value):
+        self.model.embedding.embed_tokens = value
+
+    def get_output_embeddings(self):
+        return self.lm_head
+
+    def set_output_embeddings(self, value):
+        self.lm_head = value
+
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None,
+                past_key_values=None, inputs_embeds=None, labels=None, use_cache=None,
+                logits_to_keep: int = 0, **kwargs) -> CausalLMOutputWithPast:
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask,
+                         position_ids=position_ids, past_key_values=past_key_values,
+                         inputs_embeds=inputs_embeds, use_cache=use_cache)
+        hidden = out.last_hidden_state
+        if isinstance(logits_to_keep, int) and logits_to_keep > 0:
+            hidden = hidden[:, -logits_to_keep:]
+        logits = self.lm_head(hidden)
+        loss = None
+        if labels is not None:
+            loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
+                                   labels[:, 1:].reshape(-1), ignore_index=-100)
+        return CausalLMOutputWithPast(loss=loss, logits=logits,
+                                      past_key_values=out.past_key_values)
+
+    def mtp_logits(self, input_ids: torch.Tensor,
+                   attention_mask: torch.Tensor | None = None) -> list[torch.Tensor]:
+        """Next-N logits of the multi-token-prediction heads, one ``[b, s, V]`` per depth.
+
+        Depth ``k`` (list index ``k - 1``) at position ``t`` predicts token ``t + 1 + k`` (the
+        main head predicts ``t + 1``). As in training, depth ``k`` embeds the input shifted left
+        by ``k`` (id 0 fills the end), so its last ``k`` positions have no real input. No cache;
+        use unpadded (or right-padded) input.
+        """
+        if not len(self.mtp):
+            raise ValueError("this model has no multi-token-prediction heads (num_mtp_layers=0)")
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        wide = self.config.vwn_connection != "none"
+        previous = out.wide_hidden_state if wide else out.last_hidden_state
+        b, s = input_ids.shape
+        positions = self.model.positions(input_ids, attention_mask, None, 0)
+        cos, sin = rotary_cos_sin(self.config, positions, previous.dtype)
+        mask = _attention_mask(attention_mask, s, 0, input_ids.device)
+        shifted = input_ids
+        logits = []
+        for layer in self.mtp:
+            shifted = torch.roll(shifted, -1, dims=-1)
+            shifted[:, -1] = 0
+            state, normed = layer(previous, self.model.embedding(shifted), cos, sin, mask)
+            logits.append(self.lm_head(normed))
+            previous = state if wide else normed
+        return logits
+
+
+__all__ = ["VWNForCausalLM", "VWNModel", "VWNPreTrainedModel"]

@@ -1,0 +1,352 @@
+"""Hugging Face conversion (docs/convert.md): checkpoints trained at TP=2 and at PP=2 export to
+transformers models that reproduce the Megatron model (logits within 1e-4, the same greedy
+tokens), the VWN export runs where megatron_vwn cannot be imported, the Llama import round-trips
+exactly and a run starts from it, and nothing but safetensors is written."""
+
+from __future__ import annotations
+
+import json
+import logging
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from tests.integration.convert_helpers import (
+    LAYOUTS,
+    VWN,
+    assert_loaded_as_trained,
+    pickles_in,
+    run_isolated,
+    train_run,
+)
+
+pytest.importorskip("transformers")
+pytest.importorskip("safetensors")
+
+PROMPT = "Call me Ishmael. Some years ago"
+NEW_TOKENS = 8
+
+
+@pytest.fixture(scope="module")
+def world():
+    """The one-rank process group conversion builds models in, removed after this module."""
+    yield
+    from megatron_vwn.parallel.distributed import destroy_distributed
+
+    destroy_distributed()
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, data_cache):
+    """Trained runs by name (``backbone-tp2``, ``vwn-pp2``, ...), each trained on first use."""
+    root = tmp_path_factory.mktemp("convert-runs")
+    cache: dict = {}
+
+    def get(model: str, layout: str):
+        key = f"{model}-{layout}"
+        if key not in cache:
+            overrides = [*LAYOUTS[layout], *(VWN if model == "vwn" else [])]
+            cache[key] = train_run(root / key, overrides, data_cache)
+        return cache[key]
+
+    return get
+
+
+def _prompt_ids(tokenizer_model: str) -> list[int]:
+    import sentencepiece as spm
+
+    return spm.SentencePieceProcessor(model_file=tokenizer_model).encode(PROMPT)
+
+
+def _hf_greedy(model, ids: list[int]) -> list[int]:
+    out = model.generate(torch.tensor([ids]), max_new_tokens=NEW_TOKENS, do_sample=False,
+                         eos_token_id=None, pad_token_id=0)
+    return out[0].tolist()
+
+
+def _assert_exported(out_dir, architecture: str) -> dict:
+    config = json.loads((out_dir / "config.json").read_text())
+    assert config["architectures"] == [architecture]
+    index = json.loads((out_dir / "model.safetensors.index.json").read_text())
+    assert set(index["weight_map"].values()) <= {p.name for p in out_dir.glob("*.safetensors")}
+    for name in ("generation_config.json", "tokenizer.json", "tokenizer_config.json"):
+        assert (out_dir / name).is_file(), name
+    assert pickles_in(out_dir) == [], "only safetensors may be written"
+    return config
+
+
+@pytest.mark.parametrize("layout", ["tp2", "pp2"])
+def test_backbone_exports_as_llama(layout, runs, world, tmp_path):
+    from safetensors.torch import load_file
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    from megatron_vwn.convert.export import MTP_SIDECAR, export_checkpoint, export_loaded
+    from megatron_vwn.convert.verify import check_parity, greedy_megatron, load_hf_model
+
+    run = runs("backbone", layout)
+    result = export_checkpoint(run, tmp_path / "hf", max_shard_bytes=200_000)  # several shards
+    assert_loaded_as_trained(result.loaded.model, run)
+    assert result.format == "llama" and len(result.files) > 2
+    config = _assert_exported(result.out_dir, "LlamaForCausalLM")
+    assert config["vocab_size"] == 4096 and config["num_key_value_heads"] == 2
+
+    report = check_parity(result)
+    print(f"backbone {layout}: {report.describe()}")
+    assert report.max_abs_diff <= 1e-4 and report.tokenizer_matches
+
+    hf = load_hf_model(result.out_dir, "llama")
+    assert isinstance(hf, LlamaForCausalLM)
+    tokenizer = AutoTokenizer.from_pretrained(str(result.out_dir))
+    ids = _prompt_ids(result.tokenizer_model)
+    assert tokenizer(PROMPT)["input_ids"] == ids
+    expected = greedy_megatron(result.loaded.model, ids, NEW_TOKENS, result.vocab_size)
+    assert _hf_greedy(hf, ids) == expected
+
+    # The MTP head, beside the Llama files, is the one VWNForCausalLM runs (format vwn).
+    as_vwn = export_loaded(result.loaded, tmp_path / "as-vwn", fmt="vwn",
+                           tokenizer_model=result.tokenizer_model)
+    vwn_report = check_parity(as_vwn)
+    assert len(vwn_report.mtp_max_abs_diff) == 1 and vwn_report.mtp_max_abs_diff[0] <= 1e-4
+    sidecar = load_file(str(result.out_dir / MTP_SIDECAR))
+    vwn_tensors = {}
+    for file in as_vwn.files:
+        vwn_tensors.update(load_file(str(as_vwn.out_dir / file)))
+    assert sidecar.keys() == {k for k in vwn_tensors if k.startswith("mtp.")}
+    for name, tensor in sidecar.items():
+        assert torch.equal(tensor, vwn_tensors[name]), name
+
+
+@pytest.mark.parametrize("layout", ["tp2", "pp2"])
+def test_vwn_exports_with_mtp(layout, runs, world, tmp_path):
+    from megatron_vwn.convert.export import export_checkpoint
+    from megatron_vwn.convert.verify import check_parity, greedy_megatron, load_hf_model
+
+    run = runs("vwn", layout)
+    result = export_checkpoint(run, tmp_path / "hf")
+    assert_loaded_as_trained(result.loaded.model, run)
+    assert result.format == "vwn"
+    config = _assert_exported(result.out_dir, "VWNForCausalLM")
+    assert config["auto_map"]["AutoModelForCausalLM"] == "modeling_vwn.VWNForCausalLM"
+    assert (config["vwn_m"], config["vwn_n"], config["num_mtp_layers"]) == (2, 8, 1)
+    assert config["vwn_group_norm"] is True
+    # The trained GHC dynamic weights are not at their (zero) initialisation.
+    assert result.loaded.model.decoder.layers[0].attention_ghc.proj.abs().max() > 1e-3
+
+    report = check_parity(result)
+    print(f"vwn {layout}: {report.describe()}")
+    assert report.max_abs_diff <= 1e-4 and report.mtp_max_abs_diff[0] <= 1e-4
+
+    hf = load_hf_model(result.out_dir, "vwn")
+    assert type(hf).__name__ == "VWNForCausalLM"
+    ids = _prompt_ids(result.tokenizer_model)
+    expected = greedy_megatron(result.loaded.model, ids, NEW_TOKENS, result.vocab_size)
+    assert _hf_greedy(hf, ids) == expected
+
+
+def test_vwn_export_runs_without_megatron_vwn(runs, world, tmp_path):
+    from megatron_vwn.convert.export import export_checkpoint
+    from megatron_vwn.convert.verify import greedy_megatron
+
+    result = export_checkpoint(runs("vwn", "pp2"), tmp_path / "hf")
+    work = tmp_path / "isolated"
+    work.mkdir()
+    out = run_isolated(result.out_dir, PROMPT, NEW_TOKENS, work)
+    assert out["class"] == "VWNForCausalLM" and out["module"].startswith("transformers_modules")
+    assert out["prompt"] == _prompt_ids(result.tokenizer_model)
+    assert out["mtp_depths"] == 1
+    assert out["generated"] == greedy_megatron(result.loaded.model, out["prompt"], NEW_TOKENS,
+                                               result.vocab_size)
+
+
+def test_cli_convert_bf16_with_verify(runs, tmp_path):
+    from safetensors import safe_open
+
+    run = runs("vwn", "tp2")
+    out_dir = tmp_path / "hf"
+    proc = subprocess.run(
+        [sys.executable, "-m", "megatron_vwn", "convert", "hf", str(run), str(out_dir),
+         "--dtype", "bf16", "--verify"],
+        capture_output=True, text=True, timeout=300, start_new_session=True)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "verify: max |logit difference|" in proc.stdout and "OK" in proc.stdout
+    print(proc.stdout.strip().splitlines()[-1])
+    shard = next(out_dir.glob("model-*.safetensors"))
+    with safe_open(str(shard), "pt") as f:
+        assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.bfloat16}
+    assert pickles_in(out_dir) == []
+
+
+def test_verify_fails_when_a_weight_is_wrong(runs, world, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from megatron_vwn.config.errors import ConfigError
+    from megatron_vwn.convert.export import export_checkpoint
+    from megatron_vwn.convert.verify import ParityError, check_parity
+
+    result = export_checkpoint(runs("vwn", "tp2"), tmp_path / "hf")
+    shard = result.out_dir / result.files[0]
+    tensors = load_file(str(shard))
+    name = next(k for k in tensors if k.endswith("attn_ghc.proj"))
+    tensors[name] = tensors[name] + 0.05
+    save_file(tensors, str(shard), metadata={"format": "pt"})
+    with pytest.raises(ParityError, match="parity check failed"):
+        check_parity(result)
+    with pytest.raises(ConfigError, match="is not empty"):
+        export_checkpoint(runs("vwn", "tp2"), tmp_path / "hf")
+
+
+def _random_llama(path, tie: bool, vocab: int = 4096):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=vocab, hidden_size=64, intermediate_size=160,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=64, rms_norm_eps=1e-6,
+                         rope_parameters={"rope_type": "default", "rope_theta": 50000.0},
+                         tie_word_embeddings=tie)
+    model = LlamaForCausalLM(config)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.normal_(0.0, 0.1)  # norms too: every tensor distinct
+    model.save_pretrained(path)
+    return model
+
+
+def _hf_tensors(directory) -> dict:
+    from megatron_vwn.convert.safetensors_io import load_safetensors_dir
+
+    return load_safetensors_dir(directory)
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_llama_roundtrip_is_identical(tie, world, tmp_path, data_cache):
+    from megatron_vwn.convert.export import export_checkpoint
+    from megatron_vwn.convert.importer import import_hf_llama
+
+    _random_llama(tmp_path / "llama", tie)
+    original = _hf_tensors(tmp_path / "llama")
+    path, report = import_hf_llama(tmp_path / "llama", tmp_path / "megatron")
+    assert set(report.values()) == {"all"}
+    result = export_checkpoint(tmp_path / "megatron", tmp_path / "back", with_tokenizer=False)
+    back = _hf_tensors(result.out_dir)
+    assert back.keys() == original.keys()
+    for name, tensor in original.items():
+        assert torch.equal(back[name], tensor), name
+    before = json.loads((tmp_path / "llama" / "config.json").read_text())
+    after = json.loads((tmp_path / "back" / "config.json").read_text())
+    for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                "num_attention_heads", "num_key_value_heads", "rms_norm_eps",
+                "tie_word_embeddings", "rope_parameters"):
+        assert after[key] == before[key], key
+    assert pickles_in(result.out_dir) == []
+    if tie:
+        return
+    # A run starts from the imported weights (the HF shape: vocabulary 4096 = the tokenizer's).
+    from tests.distributed.launcher import run_ranks
+
+    logs = run_ranks(1, ["-m", "megatron_vwn", "train", str(path / "config.yaml"),
+                         f"run.dir={tmp_path / 'run'}", f"checkpoint.load={tmp_path / 'megatron'}",
+                         "checkpoint.weights_only=true", "train.iters=1",
+                         "train.micro_batch_size=2", "train.global_batch_size=2",
+                         "model.seq_length=32", "train.eval_interval=0", "logging.wandb=off",
+                         f"data.cache_dir={data_cache}", "data.split=90,10,0"],
+                     timeout=300, log_dir=tmp_path)
+    assert "loaded model weights from" in logs[0]
+
+
+def test_import_into_virtual_width_takes_the_backbone(world, tmp_path, capsys):
+    from megatron_vwn.cli import main
+    from megatron_vwn.convert.megatron_io import load_checkpoint
+
+    hf = _random_llama(tmp_path / "llama", tie=False)
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    try:
+        status = main(["convert", "from-hf", str(tmp_path / "llama"), str(tmp_path / "megatron"),
+                       "model.vwn.m=2", "model.vwn.n=8", "model.mtp.num_layers=1"])
+    finally:  # the CLI points logging at the captured stdout: put pytest's handlers back
+        root.handlers[:] = handlers
+        root.setLevel(level)
+    assert status == 0
+    out = capsys.readouterr().out
+    assert "embedding.word_embeddings.weight: first 64 of 256 columns" in out
+    assert "initialised as in training" in out and "checkpoint.weights_only=true" in out
+    loaded = load_checkpoint(tmp_path / "megatron")
+    model, state = loaded.model, hf.state_dict()
+    table = model.embedding.word_embeddings.weight
+    assert torch.equal(table[:4096, :64], state["model.embed_tokens.weight"])
+    layer = model.decoder.layers[1]
+    assert torch.equal(layer.mlp.linear_fc2.weight, state["model.layers.1.mlp.down_proj.weight"])
+    assert torch.equal(model.decoder.final_layernorm.norm.weight, state["model.norm.weight"])
+    assert torch.equal(model.output_layer.weight[:4096], state["lm_head.weight"])
+    eye = torch.zeros(8, 2)
+    eye[:2] = torch.eye(2)
+    assert torch.equal(layer.attention_ghc.static_read, eye)  # VWN init: read the backbone
+    assert not layer.attention_ghc.proj.any()  # dynamic weights at their zero init
+    assert loaded.cfg.model.vwn.n == 8 and loaded.cfg.model.mtp.num_layers == 1
+
+
+def test_tokenizer_ids_match_sentencepiece(data_cache, tmp_path):
+    """Whitespace at the start, newlines (a user-defined piece), digits, byte fallback and whole
+    chapters: the HF tokenizer gives SentencePiece's ids and decodes back to the text."""
+    import sentencepiece as spm
+    from transformers import AutoTokenizer
+
+    from megatron_vwn.config.schema import DataConfig
+    from megatron_vwn.convert.tokenizer import write_hf_tokenizer
+    from megatron_vwn.data.bundled import iter_bundled_documents
+    from megatron_vwn.data.datasets import prepare_data
+
+    model = prepare_data(DataConfig(cache_dir=data_cache, split="90,10,0")).tokenizer_model
+    ids = write_hf_tokenizer(model, tmp_path, model_max_length=128)
+    assert ids == {"pad_token_id": 0, "bos_token_id": 2, "eos_token_id": 3}
+    tokenizer = AutoTokenizer.from_pretrained(str(tmp_path))
+    processor = spm.SentencePieceProcessor(model_file=model)
+    texts = ["Call me Ishmael.", "  two  spaces\n\nand 1234 digits 3.14", " ", "   x", "\n",
+             "\nleading newline", "trailing space ", "tab\there", "Ünïcödé ✓ 漢字 😀", "",
+             *[doc[:2000] for doc in list(iter_bundled_documents())[:5]]]
+    for text in texts:
+        expected = processor.encode(text)
+        assert tokenizer(text, verbose=False)["input_ids"] == expected, repr(text[:40])
+        assert tokenizer.decode(expected) == processor.decode(expected), repr(text[:40])
+
+
+@pytest.mark.parametrize("overrides", [
+    ["model.vwn.m=1", "model.vwn.n=4", "model.vwn.connection=hc", "model.mtp.num_layers=1"],
+    ["model.vwn.m=4", "model.vwn.n=4", "model.vwn.connection=frac"],
+    ["model.vwn.m=2", "model.vwn.n=8", "model.vwn.embedding=factorized",
+     "model.tie_embeddings=true", "model.mtp.num_layers=2"],
+    ["model.vwn.m=2", "model.vwn.n=3", "model.vwn.dynamic=false"],
+], ids=["hc", "frac", "factorized-tied-mtp2", "static-1.5x"])
+def test_every_connection_exports_exactly(overrides, world, tmp_path):
+    """HC (replicated embedding, sum of streams, scalar scales), Frac, a tied factorized
+    embedding with two MTP depths and static GHC at 1.5x (no GroupNorm), all weights perturbed
+    away from their initialisation."""
+    from megatron_vwn.config import load_config
+    from megatron_vwn.convert.export import export_loaded
+    from megatron_vwn.convert.megatron_io import (
+        LoadedModel,
+        build_single_model,
+        single_process_config,
+    )
+    from megatron_vwn.convert.verify import check_parity, greedy_megatron, load_hf_model
+
+    cfg = single_process_config(load_config("tiny", [
+        "model.num_layers=2", "model.hidden_size=64", "model.ffn_hidden_size=128",
+        "model.seq_length=32", *overrides]))
+    model = build_single_model(cfg, 4160)  # 64 padding rows beyond the real 4096
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.add_(0.05 * torch.randn(param.shape, generator=generator))
+    loaded = LoadedModel(cfg=cfg, model=model, padded_vocab_size=4160, vocab_size=4096)
+    result = export_loaded(loaded, tmp_path / "hf")
+    report = check_parity(result)
+    assert report.max_abs_diff <= 1e-4
+    assert len(report.mtp_max_abs_diff) == cfg.model.mtp.num_layers
+    assert all(diff <= 1e-4 for diff in report.mtp_max_abs_diff)
+    hf = load_hf_model(result.out_dir, "vwn")
+    prompt = [5, 100, 200, 300, 17]
+    assert _hf_greedy(hf, prompt) == greedy_megatron(model, prompt, NEW_TOKENS, 4096)
