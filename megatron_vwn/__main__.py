@@ -1,5 +1,12 @@
+"""``python -m megatron_vwn``: the same entry point as the ``megatron-vwn`` script.
+
+The guard matters: Megatron-Core's asynchronous checkpoint saver starts spawn-type helper
+processes, which re-import ``__main__``.
+"""
+
 import sys
 
 from megatron_vwn.cli import main
 
-sys.exit(main())
+if __name__ == "__main__":
+    sys.exit(main())

@@ -15,7 +15,6 @@ of the files) and the checkpoint's model section is compared with the config.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from functools import partial
@@ -29,20 +28,16 @@ from megatron_vwn.checkpoint.compat import check_model_fits
 from megatron_vwn.checkpoint.errors import CheckpointError, CorruptCheckpointError
 from megatron_vwn.checkpoint.files import (
     CONFIG_FILE,
-    TRACKER,
-    Candidate,
     check_files,
     data_files,
     describe_files,
     iter_dir_name,
-    iteration_of,
-    list_complete,
     list_iter_dirs,
     read_manifest,
-    read_tracker,
     write_manifest,
     write_tracker,
 )
+from megatron_vwn.checkpoint.resolve import explicit_candidates, find_candidates, trim_metrics
 from megatron_vwn.checkpoint.retention import apply_retention, remove_dir
 from megatron_vwn.checkpoint.saver import Saver
 from megatron_vwn.checkpoint.state import (
@@ -65,72 +60,6 @@ from megatron_vwn.training.optim import use_distributed_optimizer
 logger = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.jsonl"  # written by training.metrics.MetricsWriter
-
-
-def find_candidates(checkpoints_dir: Path) -> tuple[list[Candidate], list[str]]:
-    """Checkpoints to try in order (tracker's first, then older complete ones) and warnings."""
-    warnings = []
-    try:
-        latest = read_tracker(checkpoints_dir)
-    except CorruptCheckpointError as exc:
-        warnings.append(f"{exc}; using the newest complete checkpoint instead")
-        latest = None
-    complete = list_complete(checkpoints_dir)
-    if latest is not None:
-        first = Candidate(latest, checkpoints_dir / iter_dir_name(latest), "named by the tracker")
-        older = [Candidate(it, p, "previous complete checkpoint")
-                 for it, p in reversed(complete) if it < latest]
-        return [first, *older], warnings
-    if complete and not warnings:
-        warnings.append(
-            f"tracker file {checkpoints_dir / TRACKER} is missing; using the newest complete "
-            f"checkpoint {complete[-1][1]}"
-        )
-    newest_first = [Candidate(it, p, "newest complete checkpoint") for it, p in reversed(complete)]
-    return newest_first, warnings
-
-
-def explicit_candidates(path: Path) -> list[Candidate]:
-    """``checkpoint.load``: one checkpoint directory, or a checkpoints directory (its tracker)."""
-    if not path.exists():
-        raise CheckpointError(f"checkpoint.load ({path}) does not exist")
-    if (path / "metadata.json").is_file():
-        iteration = iteration_of(path)
-        return [Candidate(iteration if iteration is not None else -1, path, "checkpoint.load")]
-    if (path / "checkpoints").is_dir():
-        path = path / "checkpoints"
-    candidates, warnings = find_candidates(path)
-    for warning in warnings:
-        logger.warning(warning)
-    if not candidates:
-        raise CheckpointError(
-            f"checkpoint.load ({path}) holds no complete checkpoint (no {TRACKER} and no "
-            f"iter_* directory with a manifest)"
-        )
-    return candidates[:1]
-
-
-def trim_metrics(path: Path, iteration: int) -> int:
-    """Drop ``metrics.jsonl`` rows after ``iteration`` (logged after the checkpoint the run
-    resumes from, so they are trained again); returns how many were dropped."""
-    if not path.is_file():
-        return 0
-    kept, dropped = [], 0
-    for line in path.read_text().splitlines():
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            dropped += 1  # a row cut off by a crash
-            continue
-        if row.get("iteration", 0) > iteration:
-            dropped += 1
-        else:
-            kept.append(line)
-    if dropped:
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text("".join(line + "\n" for line in kept))
-        tmp.replace(path)
-    return dropped
 
 
 def _broadcast(obj):
@@ -183,6 +112,9 @@ class CheckpointManager:
             if incomplete:
                 logger.warning("%s holds only incomplete checkpoints %s (saves that did not "
                                "finish): starting fresh", self.dir, incomplete)
+        elif _is_rank0() and list_iter_dirs(self.dir):
+            logger.warning("checkpoint.resume=never: not resuming from %s; this run's saves will "
+                           "replace checkpoints of the same iterations there", self.dir)
         if self.ckpt.load:
             candidates = _broadcast(self._explicit_or_error(Path(self.ckpt.load)))
             if isinstance(candidates, CheckpointError):
@@ -244,6 +176,9 @@ class CheckpointManager:
     def _load(self, path: Path, model: list, optimizer, scheduler, weights_only: bool) -> RunState:
         tick = time.perf_counter()
         common = dist_checkpointing.load_common_state_dict(str(path))
+        if "run" not in common:
+            raise CheckpointError(f"checkpoint {path} holds no megatron-vwn run state (written by "
+                                  f"another program?); it cannot be resumed")
         saved = SavedRun.from_dict(common["run"])
         check_model_fits(str(path), saved.config.get("model", {}), saved.padded_vocab_size,
                          self.cfg.model, self.padded_vocab_size)
@@ -269,7 +204,7 @@ class CheckpointManager:
             logger.info("loaded model weights from %s (iteration %d, saved at %s); starting a new "
                         "run at iteration 0", path, saved.state.iteration, saved.layout.describe())
             return RunState()
-        pass  # BREAK: load_optimizer_state(optimizer, loaded["optimizer"])
+        load_optimizer_state(optimizer, loaded["optimizer"])
         _load_scheduler(scheduler, loaded["opt_param_scheduler"])
         if same_layout:
             restore_rng(loaded["rng_state"])

@@ -16,6 +16,7 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
     cfg.train.validate()
     cfg.data.validate()
     cfg.logging.validate()
+    cfg.checkpoint.validate()
     model, par = cfg.model, cfg.parallel
 
     if model.num_attention_heads % par.tensor:

@@ -101,6 +101,7 @@ class Trainer:
         self.vocab_size = resolve_vocab_size(cfg, self.tokenizer.vocab_size)
         self.checkpoints = CheckpointManager(cfg, self.run_dir, self.vocab_size)
         self.signals = StopSignals()
+        self.signals.install()  # from the start: a preemption during set-up also saves and exits
 
         initialize_distributed(cfg, dist)
         self._prepare_run_dir()
@@ -210,9 +211,9 @@ class Trainer:
         else:
             self.checkpoints.poll()
         if stop:
-            logger.info("stopping at iteration %d on %s", self.iteration,
-                        self.signals.received.name if self.signals.received else "a signal "
-                        "received by another rank")
+            received = self.signals.received
+            logger.info("stopping at iteration %d on %s (checkpoint saved)", self.iteration,
+                        received.name if received else "another rank's signal")
         return stop
 
     def train(self) -> None:
@@ -220,7 +221,6 @@ class Trainer:
         start = self.iteration
         window: list[tuple[dict[str, float], float]] = []
         logger.info("training for %d iterations", cfg.train.iters - start)
-        self.signals.install()
         while self.iteration < cfg.train.iters:
             lr = self.optimizer.param_groups[0]["lr"]
             tick = time.perf_counter()

@@ -39,6 +39,14 @@ def _save_started(path, since: float):
     return check
 
 
+def _interrupted(path, latest: int, target: int) -> str:
+    if latest >= target:
+        return "after"
+    if not path.exists():
+        return "renamed"  # retention or a re-save had moved it away
+    return "untracked" if (path / "checkpoint.json").exists() else "writing"
+
+
 @pytest.mark.slow
 def test_kill_9_during_saves_always_resumes_from_a_complete_checkpoint(tmp_path, data_cache):
     reference = tmp_path / "reference"
@@ -47,6 +55,7 @@ def test_kill_9_during_saves_always_resumes_from_a_complete_checkpoint(tmp_path,
     run = tmp_path / "run"
     argv = train_argv(run, [f"train.iters={ITERS}", *SAVE_EVERY_STEP], data_cache)
     rng = random.Random(20261122)
+    caught = []  # what each kill interrupted
     for attempt in range(KILLS):
         before = tracker(run)
         logs = tmp_path / f"attempt{attempt}"
@@ -69,6 +78,11 @@ def test_kill_9_during_saves_always_resumes_from_a_complete_checkpoint(tmp_path,
         assert latest is not None and latest >= (before or 0)
         path = checkpoints / iter_dir_name(latest)
         assert check_files(path, read_manifest(path)) == []
+        caught.append(_interrupted(checkpoints / iter_dir_name(target), latest, target))
+
+    # The kills did land inside saves: files written but the checkpoint not yet complete, or
+    # complete but not yet tracked (the previous checkpoint stayed the one to resume from).
+    assert sum(state in ("writing", "untracked") for state in caught) >= 3, caught
 
     train(run, NPROC, [f"train.iters={ITERS}", *SAVE_EVERY_STEP], data_cache)
     got = rows(run)

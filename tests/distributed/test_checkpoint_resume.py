@@ -37,7 +37,11 @@ from tests.distributed.checkpoint_helpers import (
 NPROC = 2
 N = 6
 # Extra overrides per model family; every case gets the exact-resume test.
-CASES: dict[str, list[str]] = {"backbone": []}
+CASES: dict[str, list[str]] = {
+    "backbone": [],
+    # virtual width: GHC modules, the wide embedding, GroupNorm and the reduce resume too
+    "vwn": ["model.vwn.m=2", "model.vwn.n=4"],
+}
 
 
 @pytest.fixture(scope="module")

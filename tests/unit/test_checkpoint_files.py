@@ -20,7 +20,7 @@ from megatron_vwn.checkpoint.files import (
     write_manifest,
     write_tracker,
 )
-from megatron_vwn.checkpoint.manager import explicit_candidates, find_candidates, trim_metrics
+from megatron_vwn.checkpoint.resolve import explicit_candidates, find_candidates, trim_metrics
 
 
 def make_checkpoint(root, iteration, complete=True, payload=b"x" * 1000):
