@@ -107,7 +107,3 @@ def validate_world_size(cfg: Config, world_size: int) -> None:
             f"({microbatches} = train.global_batch_size / (train.micro_batch_size x {dp} "
             f"data-parallel)) must be a multiple of parallel.pipeline ({par.pipeline})"
         )
-
-
-def data_parallel_size(cfg: Config, world_size: int) -> int:
-    return world_size // (cfg.parallel.tensor * cfg.parallel.pipeline)

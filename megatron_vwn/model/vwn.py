@@ -57,10 +57,6 @@ class VWNShape:
         """D' = n * d_b."""
         return self.n * self.d_b
 
-    @property
-    def ratio(self) -> float:
-        return self.n / self.m
-
     def make_ghc(self, sublayer_index: int, dtype: torch.dtype, device=None) -> GHC:
         """The GHC module around global sublayer ``sublayer_index`` (2l: attention, 2l+1: MLP)."""
         if self.connection == "hc":
