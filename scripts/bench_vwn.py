@@ -2,17 +2,20 @@
 
 For each hidden size ``D`` (default 1024 and 2048) it builds the backbone and the VWN variants
 (1.5x (2,3), 2x (8,16), 4x (8,32), 8x (8,64), plus 8x with the coefficient path recomputed) with
-a few layers in one process, then alternates timed forward+backward+AdamW steps between them
-round by round, and reports median-time ratios against the backbone. Memory is the bytes of
-activations saved for backward (counted with ``saved_tensors_hooks``, on any device) and, on
-GPU, the peak allocated memory of a step.
+a few layers in one process, then alternates timed measurements between them round by round and
+reports median-time ratios against the backbone:
 
-With a few layers the fixed costs of virtual width (the ``V x D'`` table, ``W_reduce``, their
-optimizer update) weigh as much as the layers. Given two depths (``--layers 2 4``) the script
-also reports the *per-layer* ratio, ``(t(L2) - t(L1)) / (L2 - L1)`` against the backbone's: the
-cost of the GHC modules themselves, which is what grows with depth.
+- *step*: forward + backward + AdamW of the whole model. With a few layers the fixed costs of
+  virtual width (the ``V x D'`` table, the ``D' -> D`` reduce, their optimizer update) weigh as
+  much as the layers: the reduce alone is ``2 D' D`` FLOPs per token, half a dense layer at 8x.
+- *layer*: forward + backward of one transformer layer on its own (``[s, b, D']`` in and out for
+  VWN, ``[s, b, D]`` for the backbone): the cost of the GHC modules themselves, which is what
+  grows with depth and what METHODS.md 1.4 bounds (about ``216/D`` at (8,64)).
 
-    python scripts/bench_vwn.py [--hidden 1024 2048] [--layers 2 4] [--seq 256] [--mbs 1]
+Memory is the bytes of activations saved for backward in one forward (counted with
+``saved_tensors_hooks``, on any device) and, on GPU, the peak allocated memory of a step.
+
+    python scripts/bench_vwn.py [--hidden 1024 2048] [--layers 2] [--seq 256] [--mbs 1]
     python scripts/bench_vwn.py --markdown   # rows for docs/benchmarks.md
 """
 
@@ -39,12 +42,14 @@ VARIANTS = {
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--hidden", type=int, nargs="+", default=[1024, 2048])
-    p.add_argument("--layers", type=int, nargs="+", default=[2, 4])
+    p.add_argument("--layers", type=int, default=2)
     p.add_argument("--seq", type=int, default=256)
     p.add_argument("--mbs", type=int, default=1)
     p.add_argument("--vocab", type=int, default=1024)
-    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--steps", type=int, default=2, help="timed steps per model per round")
+    p.add_argument("--layer-reps", type=int, default=4,
+                   help="timed single-layer forward+backward passes per model per round")
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"])
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     p.add_argument("--markdown", action="store_true", help="print markdown table rows")
@@ -65,7 +70,29 @@ def saved_activation_bytes(step) -> int:
     return sum(seen.values())
 
 
-def bench_hidden(args: argparse.Namespace, hidden: int, layers: int) -> list[dict]:
+def layer_pass(model, args: argparse.Namespace, device: torch.device):
+    """Forward + backward of the model's first transformer layer on a fixed random input of the
+    width it carries (``D'`` for VWN, ``D`` for the backbone)."""
+    layer = model.decoder.layers[0]
+    width = layer.attention_ghc.n * layer.attention_ghc.d_b if hasattr(
+        layer, "attention_ghc") else model.config.hidden_size
+    dtype = next(layer.parameters()).dtype
+    gen = torch.Generator(device=device).manual_seed(0)
+    hidden = torch.randn(args.seq, args.mbs, width, device=device, dtype=dtype, generator=gen)
+    hidden.requires_grad_(True)
+    grad = torch.randn_like(hidden)
+    rope = model.rotary_pos_emb(args.seq)
+
+    def run() -> None:
+        out, _ = layer(hidden, attention_mask=None, rotary_pos_emb=rope)
+        out.backward(grad)
+        hidden.grad = None
+        layer.zero_grad(set_to_none=True)
+
+    return run
+
+
+def bench_hidden(args: argparse.Namespace, hidden: int) -> list[dict]:
     """Build every variant at width ``hidden``, measure, and return one row per variant."""
     from megatron_vwn.config import load_config
     from megatron_vwn.launch.env import resolve_dist_env
@@ -75,13 +102,14 @@ def bench_hidden(args: argparse.Namespace, hidden: int, layers: int) -> list[dic
     cuda = torch.cuda.is_available()
     device = torch.device("cuda") if cuda else torch.device("cpu")
     heads = hidden // 128
-    base = [f"model.num_layers={layers}", f"model.hidden_size={hidden}",
+    base = [f"model.num_layers={args.layers}", f"model.hidden_size={hidden}",
             f"model.num_attention_heads={heads}", f"model.num_query_groups={heads}",
             f"model.seq_length={args.seq}", f"train.precision={args.precision}"]
     cfgs = {name: load_config(None, [*base, *VARIANTS[name]]) for name in args.variants}
     initialize_distributed(cfgs["backbone"], resolve_dist_env())
     models = {name: build_model(cfg, args.vocab)[0] for name, cfg in cfgs.items()}
     optims = {name: torch.optim.AdamW(m.parameters(), lr=1e-5) for name, m in models.items()}
+    layers = {name: layer_pass(model, args, device) for name, model in models.items()}
     tokens = torch.randint(0, args.vocab, (args.mbs, args.seq), device=device)
     positions = torch.arange(args.seq, device=device).unsqueeze(0).expand(args.mbs, -1)
 
@@ -93,19 +121,20 @@ def bench_hidden(args: argparse.Namespace, hidden: int, layers: int) -> list[dic
         optims[name].step()
         optims[name].zero_grad(set_to_none=True)
 
-    def timed(name: str) -> float:
+    def timed(fn, repeats: int) -> float:
         if cuda:
             torch.cuda.synchronize()
         tick = time.perf_counter()
-        for _ in range(args.steps):
-            step(name)
+        for _ in range(repeats):
+            fn()
         if cuda:
             torch.cuda.synchronize()
-        return (time.perf_counter() - tick) / args.steps
+        return (time.perf_counter() - tick) / repeats
 
     activations, peaks = {}, {}
     for name in models:
         step(name)  # warm-up (allocations, optimizer state)
+        layers[name]()
         if cuda:
             torch.cuda.reset_peak_memory_stats()
         activations[name] = saved_activation_bytes(lambda n=name: forward_backward(n))
@@ -113,18 +142,23 @@ def bench_hidden(args: argparse.Namespace, hidden: int, layers: int) -> list[dic
         if cuda:
             step(name)
             peaks[name] = torch.cuda.max_memory_allocated()
-    times = {name: [] for name in models}
+    step_times = {name: [] for name in models}
+    layer_times = {name: [] for name in models}
     for _ in range(args.rounds):
         for name in models:
-            times[name].append(timed(name))
+            step_times[name].append(timed(lambda n=name: step(n), args.steps))
+            layer_times[name].append(timed(layers[name], args.layer_reps))
     destroy_distributed()
-    base_time = statistics.median(times["backbone"])
+    step_base = statistics.median(step_times["backbone"])
+    layer_base = statistics.median(layer_times["backbone"])
     rows = []
     for name in models:
-        t = statistics.median(times[name])
+        step_t = statistics.median(step_times[name])
+        layer_t = statistics.median(layer_times[name])
         rows.append({
-            "D": hidden, "L": layers, "variant": name, "ms": t * 1e3,
-            "time_ratio": t / base_time,
+            "D": hidden, "L": args.layers, "variant": name,
+            "ms": step_t * 1e3, "time_ratio": step_t / step_base,
+            "layer_ms": layer_t * 1e3, "layer_ratio": layer_t / layer_base,
             "act_MB": activations[name] / 2**20,
             "act_ratio": activations[name] / activations["backbone"],
             "peak_MB": peaks.get(name, float("nan")) / 2**20,
@@ -133,50 +167,32 @@ def bench_hidden(args: argparse.Namespace, hidden: int, layers: int) -> list[dic
     return rows
 
 
-def _per_layer_ratios(rows: list[dict], depths: list[int]) -> dict[tuple[int, str], float]:
-    """(D, variant) -> marginal time per layer of the variant over the backbone's."""
-    t = {(r["D"], r["L"], r["variant"]): r["ms"] for r in rows}
-    shallow, deep = sorted(depths)
-    ratios = {}
-    for (hidden, layers, name) in t:
-        if layers != deep:
-            continue
-        marginal = t[(hidden, deep, name)] - t[(hidden, shallow, name)]
-        base = t[(hidden, deep, "backbone")] - t[(hidden, shallow, "backbone")]
-        ratios[(hidden, name)] = marginal / base
-    return ratios
-
-
 def main() -> int:
     args = parse_args()
     from megatron_vwn.log import silence_expected_warnings
 
     silence_expected_warnings()
     cuda = torch.cuda.is_available()
-    rows = [row for hidden in args.hidden for layers in args.layers
-            for row in bench_hidden(args, hidden, layers)]
-    per_layer = _per_layer_ratios(rows, args.layers) if len(args.layers) == 2 else {}
+    rows = [row for hidden in args.hidden for row in bench_hidden(args, hidden)]
     dev = torch.cuda.get_device_name() if cuda else "cpu"
     dtype = "bf16" if (cuda and args.precision != "fp32") or args.precision == "bf16" else "fp32"
-    header = (f"device {dev} | {dtype} | layers {args.layers} | seq {args.seq} | "
-              f"mbs {args.mbs} | vocab {args.vocab} | rounds {args.rounds} x {args.steps} steps")
-    print(header)
+    print(f"device {dev} | {dtype} | layers {args.layers} | seq {args.seq} | mbs {args.mbs} | "
+          f"vocab {args.vocab} | rounds {args.rounds} x ({args.steps} steps, "
+          f"{args.layer_reps} layer passes)")
     if args.markdown:
-        print("| D | L | variant | params (M) | step (ms) | step vs backbone | per layer vs "
+        print("| D | variant | params (M) | step (ms) | step vs backbone | layer (ms) | layer vs "
               "backbone | saved activations (MB) | act. vs backbone | peak GPU (MB) |")
         print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        layer = per_layer.get((r["D"], r["variant"])) if r["L"] == max(args.layers) else None
-        layer_text = f"{layer:.3f}" if layer is not None else ""
         if args.markdown:
-            print(f"| {r['D']} | {r['L']} | {r['variant']} | {r['params_M']:.1f} | "
-                  f"{r['ms']:.0f} | {r['time_ratio']:.3f} | {layer_text} | {r['act_MB']:.1f} | "
-                  f"{r['act_ratio']:.2f} | {r['peak_MB']:.0f} |")
+            print(f"| {r['D']} | {r['variant']} | {r['params_M']:.1f} | {r['ms']:.0f} | "
+                  f"{r['time_ratio']:.3f} | {r['layer_ms']:.1f} | {r['layer_ratio']:.3f} | "
+                  f"{r['act_MB']:.1f} | {r['act_ratio']:.2f} | {r['peak_MB']:.0f} |")
         else:
-            print(f"D={r['D']:5d} L={r['L']} {r['variant']:22s} {r['ms']:9.1f} ms  "
-                  f"x{r['time_ratio']:.3f}  per layer {layer_text or '-':>6}  "
-                  f"act {r['act_MB']:8.1f} MB (x{r['act_ratio']:.2f})  "
-                  f"params {r['params_M']:.1f}M")
+            print(f"D={r['D']:5d} {r['variant']:22s} step {r['ms']:8.1f} ms x{r['time_ratio']:.3f}"
+                  f"  layer {r['layer_ms']:7.1f} ms x{r['layer_ratio']:.3f}"
+                  f"  act {r['act_MB']:7.1f} MB (x{r['act_ratio']:.2f})"
+                  f"  params {r['params_M']:.1f}M")
     return 0
 
 

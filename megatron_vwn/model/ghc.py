@@ -26,7 +26,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
 
 @dataclass(frozen=True)
@@ -68,6 +67,99 @@ def hc_init(n: int, sublayer_index: int) -> GHCInit:
                    scalar_scales=True, tau=1.0)
 
 
+class _DynamicRead(torch.autograd.Function):
+    """Coefficient path and read of dynamic GHC in one pass, with a hand-written backward.
+
+    Forward, for the state ``H`` ``[T, n, d_b]``, in the dtype of ``weight`` (fp32 at least,
+    whatever ``H``'s dtype):
+
+        rstd  = (|H_i|^2 / d_b + eps)^-1/2                 [T, n, 1]
+        coeff = static + scales * tanh(rstd * (H @ W))     [T, n, 2m + n]
+        X     = read^T H                                   [T, m, d_b]
+
+    where ``W = diag(g) W_proj / tau`` folds the RMSNorm weight and temperature into the GEMM,
+    so no normalised copy of the wide state is made. It returns ``X`` and the write-side
+    operands ``carry^T`` ``[T, n, n]`` and ``write^T`` ``[T, n, m]`` for :class:`_DynamicWrite`,
+    as strided views of one coefficient tensor (batched GEMMs take them as they are).
+
+    Why by hand: autograd's graph for these few lines makes about a dozen passes over
+    wide-state-sized tensors in backward (the norm's backward, gradient sums, a concatenation)
+    and runs its GEMMs in the slow transposed layouts. Here the state's gradient is one GEMM
+    output updated in place (norm term, read term), the coefficient gradient is assembled once,
+    and each GEMM uses its fast layout (hence ``W^T``). ``recompute`` keeps only ``H`` and
+    ``rstd`` and recomputes ``H W`` and the tanh in backward (the paper's memory saving).
+    """
+
+    @staticmethod
+    def forward(ctx, state, weight, scales, static, m: int, eps: float, recompute: bool):
+        tokens, n, d_b = state.shape
+        x = state.to(weight.dtype)
+        rstd = torch.linalg.vector_norm(x, dim=-1, keepdim=True).square_().div_(d_b)
+        rstd = rstd.add_(eps).rsqrt_()  # [T, n, 1]
+        logits = torch.mm(x.view(-1, d_b), weight.t()).view(tokens, n, -1)
+        activated = torch.mul(logits, rstd).tanh_()
+        coeffs = torch.addcmul(static, activated, scales).to(state.dtype)
+        # Views: CPU and GPU batched GEMMs take strided operands, so nothing is copied.
+        read = coeffs[..., :m]  # [T, n, m]
+        carry_t = coeffs[..., m:m + n].transpose(1, 2)  # [T, n, n]
+        write_t = coeffs[..., m + n:]  # [T, n, m]
+        out = torch.bmm(read.transpose(1, 2), state)  # [T, m, d_b]
+        saved = (None, None) if recompute else (logits, activated)
+        ctx.save_for_backward(state, weight, scales, rstd, read, *saved)
+        ctx.recompute = recompute
+        return out, carry_t, write_t
+
+    @staticmethod
+    def backward(ctx, grad_out, grad_carry_t, grad_write_t):
+        state, weight, scales, rstd, read, logits, activated = ctx.saved_tensors
+        tokens, n, d_b = state.shape
+        m = read.shape[-1]
+        x = state.to(weight.dtype)
+        if ctx.recompute:
+            logits = torch.mm(x.view(-1, d_b), weight.t()).view(tokens, n, -1)
+            activated = torch.mul(logits, rstd).tanh_()
+        grad_out = grad_out.contiguous()
+        grad = torch.empty_like(activated)  # d coeffs, [T, n, 2m + n], laid out as coeffs
+        grad_read = torch.bmm(state, grad_out.transpose(1, 2))
+        grad_carry = None if grad_carry_t is None else grad_carry_t.transpose(1, 2)
+        for part, value in zip(grad.split([m, n, m], dim=-1),
+                               (grad_read, grad_carry, grad_write_t)):
+            part.copy_(value) if value is not None else part.zero_()
+        grad_static = grad.sum(0)
+        grad_scales = torch.mul(grad, activated).sum(0)
+        grad_logits = torch.ops.aten.tanh_backward(grad.mul_(scales), activated)
+        grad_rstd = torch.mul(grad_logits, logits).sum(-1, keepdim=True)  # [T, n, 1]
+        grad_logits.mul_(rstd)
+        grad_logits = grad_logits.view(-1, weight.shape[0])
+        grad_weight = torch.mm(grad_logits.t(), x.view(-1, d_b))
+        grad_x = torch.mm(grad_logits, weight).view_as(x)
+        grad_x.addcmul_(x, grad_rstd.mul_(rstd.pow(3)).div_(-d_b))  # d rstd / d H
+        grad_state = grad_x.to(state.dtype).baddbmm_(read, grad_out)  # + d X / d H
+        return grad_state, grad_weight, grad_scales, grad_static, None, None, None
+
+
+class _DynamicWrite(torch.autograd.Function):
+    """``H' = write^T Z + carry^T H`` per token: two batched GEMMs, the second accumulating in
+    place, so nothing wide is concatenated or summed afterwards."""
+
+    @staticmethod
+    def forward(ctx, carry_t, write_t, blocks, state):
+        out = torch.bmm(carry_t, state).baddbmm_(write_t, blocks)  # [T, n, d_b]
+        ctx.save_for_backward(carry_t, write_t, blocks, state)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        carry_t, write_t, blocks, state = ctx.saved_tensors
+        grad = grad.contiguous()
+        # d carry in the coefficients' own layout (a transposed view is what carry_t's grad is).
+        grad_carry_t = torch.bmm(state, grad.transpose(1, 2)).transpose(1, 2)
+        grad_write_t = torch.bmm(grad, blocks.transpose(1, 2))
+        grad_blocks = torch.bmm(write_t.transpose(1, 2), grad)
+        grad_state = torch.bmm(carry_t.transpose(1, 2), grad)
+        return grad_carry_t, grad_write_t, grad_blocks, grad_state
+
+
 class GHC(torch.nn.Module):
     """One generalized hyper-connection module (static + optional dynamic coefficients).
 
@@ -105,47 +197,41 @@ class GHC(torch.nn.Module):
             self.scale_a = param(torch.full(scale_a, init.scale), decay=False)
             self.scale_b = param(torch.full(scale_b, init.scale), decay=False)
 
-    def _dynamic_terms(self, state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """fp32 coefficient path: ``[T, n, d_b]`` -> A terms ``[T, n, m + n]``, B terms
-        ``[T, n, m]`` (not yet transposed)."""
-        normed = F.rms_norm(state.float(), (self.d_b,), self.norm_weight.float(), self.eps)
-        coeffs = torch.tanh(normed @ self.proj.float() / self.tau)
-        mn = self.m + self.n
-        return self.scale_a.float() * coeffs[..., :mn], self.scale_b.float() * coeffs[..., mn:]
-
-    def coefficients(self, state: torch.Tensor):
-        """Per-token read ``[T, n, m]``, carry ``[T, n, n]`` and write ``[T, m, n]`` (or static
-        2-D matrices when not dynamic) for the flattened state ``[T, n, d_b]``."""
-        if not self.dynamic:
-            return self.static_read, self.static_carry, self.static_write
-        if self.recompute_coefficients and torch.is_grad_enabled():
-            dyn_a, dyn_b = checkpoint(self._dynamic_terms, state, use_reentrant=False)
-        else:
-            dyn_a, dyn_b = self._dynamic_terms(state)
-        a = (dyn_a + torch.cat([self.static_read, self.static_carry], dim=1).float())
-        a = a.to(state.dtype)
-        read, carry = a[..., : self.m], a[..., self.m:]
-        write = (dyn_b.transpose(-1, -2) + self.static_write.float()).to(state.dtype)
-        return read, carry, write
+    def _fused_operands(self):
+        """The parameters as :class:`_DynamicRead` takes them: ``W^T = (diag(g) W_proj / tau)^T``
+        ``[2m + n, d_b]`` (the layout whose GEMMs are fast both ways), and scales and static coefficients laid out like the coefficients,
+        ``[n, 2m + n]`` (row i: read | carry | write^T)."""
+        n, m = self.n, self.m
+        dtype = torch.promote_types(self.proj.dtype, torch.float32)
+        weight = self.proj.to(dtype) * (self.norm_weight.to(dtype).unsqueeze(1) / self.tau)
+        weight = weight.t().contiguous()
+        scales = torch.cat([self.scale_a.to(dtype).expand(n, m + n),
+                            self.scale_b.to(dtype).expand(n, m)], dim=1)
+        static = torch.cat([self.static_read, self.static_carry, self.static_write.t()], dim=1)
+        return weight, scales, static.to(dtype)
 
     def read(self, hidden: torch.Tensor):
         """``[s, b, D']`` -> backbone input ``[s, b, D]`` and what :meth:`write` needs."""
         s, b, _ = hidden.shape
         state = hidden.reshape(s * b, self.n, self.d_b)  # [T, n, d_b]
-        read, carry, write = self.coefficients(state)
-        x = torch.matmul(read.transpose(-1, -2), state)  # [T, m, d_b]
-        return x.reshape(s, b, self.m * self.d_b), (state, carry, write)
+        if self.dynamic:
+            recompute = self.recompute_coefficients and torch.is_grad_enabled()
+            x, carry_t, write_t = _DynamicRead.apply(state, *self._fused_operands(), self.m,
+                                                     self.eps, recompute)
+        else:
+            carry_t, write_t = self.static_carry.t(), self.static_write.t()
+            x = torch.matmul(self.static_read.t(), state)
+        return x.reshape(s, b, self.m * self.d_b), (state, carry_t, write_t)
 
     def write(self, output: torch.Tensor, saved) -> torch.Tensor:
         """Sublayer output ``[s, b, D]`` -> new wide state ``[s, b, D']``."""
-        state, carry, write = saved
+        state, carry_t, write_t = saved
         s, b, _ = output.shape
         blocks = output.reshape(s * b, self.m, self.d_b)  # [T, m, d_b]
         if self.dynamic:
-            coeff = torch.cat([write, carry], dim=-2)  # [T, m + n, n]
-            new = torch.matmul(coeff.transpose(-1, -2), torch.cat([blocks, state], dim=-2))
+            new = _DynamicWrite.apply(carry_t, write_t, blocks, state)
         else:
-            new = torch.matmul(write.t(), blocks) + torch.matmul(carry.t(), state)
+            new = torch.matmul(write_t, blocks) + torch.matmul(carry_t, state)
         return new.reshape(s, b, self.n * self.d_b)
 
     def extra_repr(self) -> str:

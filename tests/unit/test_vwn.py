@@ -215,6 +215,79 @@ def test_ghc_matches_hand_computation():
         torch.testing.assert_close(out[t, 0], H_new.reshape(-1), rtol=1e-5, atol=1e-6)
 
 
+def _ghc_reference(ghc: GHC, hidden: torch.Tensor, z: torch.Tensor):
+    """GHC straight from its equations, batched, differentiated by autograd."""
+    m, n, d_b = ghc.m, ghc.n, ghc.d_b
+    H = hidden.reshape(-1, n, d_b)
+    Hn = H / torch.sqrt((H ** 2).mean(-1, keepdim=True) + ghc.eps) * ghc.norm_weight
+    C = torch.tanh(Hn @ ghc.proj / ghc.tau)  # [T, n, 2m + n]
+    A = ghc.scale_a * C[..., : m + n] + torch.cat([ghc.static_read, ghc.static_carry], 1)
+    B = (ghc.scale_b * C[..., m + n:]).transpose(1, 2) + ghc.static_write  # [T, m, n]
+    x = A[..., :m].transpose(1, 2) @ H
+    out = B.transpose(1, 2) @ z.reshape(-1, m, d_b) + A[..., m:].transpose(1, 2) @ H
+    return x.reshape(z.shape), out.reshape(hidden.shape)
+
+
+@pytest.mark.parametrize("case", ["vwn_2_3", "vwn_4_8", "hc_1_4", "random_3_5", "recompute"])
+def test_ghc_backward_matches_autograd_of_the_equations(case):
+    """The hand-written backward of the fused GHC against autograd of the equations, in
+    float64: input, sublayer-output and every parameter gradient."""
+    kind, m, n = (case.split("_") + ["2", "3"])[:3] if case != "recompute" else ("vwn", "2", "6")
+    m, n, d_b = int(m), int(n), 8
+    torch.manual_seed(0)
+    init = {"vwn": vwn_init(m, n, d_b), "hc": hc_init(n, 1),
+            "random": GHCInit(read=torch.randn(n, m), carry=torch.randn(n, n),
+                              write=torch.randn(m, n), tau=1.5)}[kind]
+    ghc = GHC(m, n, d_b, init, recompute_coefficients=case == "recompute", dtype=torch.float64)
+    with torch.no_grad():
+        for p in ghc.parameters():
+            p.add_(torch.randn_like(p) * 0.5)
+    hidden = torch.randn(5, 2, n * d_b, dtype=torch.float64, requires_grad=True)
+    z = torch.randn(5, 2, m * d_b, dtype=torch.float64, requires_grad=True)
+    grad_x, grad_out = torch.randn_like(z), torch.randn_like(hidden)
+
+    results = []
+    for forward in (lambda: _ghc_reference(ghc, hidden, z),
+                    lambda: (lambda x, saved: (x, ghc.write(z, saved)))(*ghc.read(hidden))):
+        x, out = forward()
+        torch.autograd.backward([x, out], [grad_x, grad_out])
+        results.append((x.detach(), out.detach(), hidden.grad, z.grad,
+                        {k: p.grad for k, p in ghc.named_parameters()}))
+        hidden.grad = z.grad = None
+        ghc.zero_grad(set_to_none=True)
+    (ref_x, ref_out, ref_h, ref_z, ref_p), (x, out, g_h, g_z, g_p) = results
+    for expected, actual, what in ((ref_x, x, "x"), (ref_out, out, "out"),
+                                   (ref_h, g_h, "d hidden"), (ref_z, g_z, "d z")):
+        torch.testing.assert_close(actual, expected, rtol=1e-10, atol=1e-10, msg=what)
+    for name, expected in ref_p.items():
+        torch.testing.assert_close(g_p[name], expected, rtol=1e-10, atol=1e-10, msg=name)
+
+
+def test_ghc_gradients_stay_finite_for_a_zero_segment_and_in_bf16():
+    m, n, d_b = 2, 4, 16
+    ghc = GHC(m, n, d_b, vwn_init(m, n, d_b))
+    with torch.no_grad():
+        ghc.proj.normal_(0, 0.5)
+    hidden = torch.randn(3, 1, n * d_b)
+    hidden[1, 0, d_b:2 * d_b] = 0  # one segment of one token is exactly zero
+    hidden.requires_grad_(True)
+    x, saved = ghc.read(hidden)
+    ghc.write(x * 2, saved).sum().backward()
+    assert torch.isfinite(hidden.grad).all()
+    assert all(torch.isfinite(p.grad).all() for p in ghc.parameters())
+
+    half = GHC(m, n, d_b, vwn_init(m, n, d_b), dtype=torch.bfloat16)
+    half.load_state_dict(ghc.state_dict())
+    wide = hidden.detach().bfloat16().requires_grad_(True)
+    x16, saved = half.read(wide)
+    out16 = half.write(x16 * 2, saved)
+    assert x16.dtype == out16.dtype == torch.bfloat16
+    out16.float().sum().backward()
+    assert wide.grad.dtype == torch.bfloat16 and half.proj.grad.dtype == torch.bfloat16
+    x32, saved = ghc.read(hidden.detach())
+    torch.testing.assert_close(out16.float(), ghc.write(x32 * 2, saved), rtol=3e-2, atol=3e-2)
+
+
 def test_vwn_init_matrices():
     init = vwn_init(2, 6, 16)
     assert init.tau == 4.0
