@@ -146,7 +146,11 @@ def bench_hidden(args: argparse.Namespace, hidden: int) -> list[dict]:
     layer_times = {name: [] for name in models}
     for _ in range(args.rounds):
         for name in models:
+            # One untimed pass first, so no model pays for the caches and allocator state the
+            # previous (differently sized) model left behind.
+            step(name)
             step_times[name].append(timed(lambda n=name: step(n), args.steps))
+            layers[name]()
             layer_times[name].append(timed(layers[name], args.layer_reps))
     destroy_distributed()
     step_base = statistics.median(step_times["backbone"])

@@ -1,0 +1,46 @@
+"""The benchmark scripts still run end to end on a tiny shape and print every row they promise.
+
+Timings are not asserted (tests never judge speed); the activation-memory column is exact, so
+its ordering is: a wider residual stream saves more for backward, recompute saves less.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _run(script: str, *args: str) -> str:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / script), *args], env=env,
+                          capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc.stdout
+
+
+def test_bench_vwn_reports_step_layer_and_memory_rows():
+    out = _run("bench_vwn.py", "--hidden", "128", "--seq", "32", "--vocab", "128",
+               "--rounds", "1", "--steps", "1", "--layer-reps", "1", "--markdown",
+               "--variants", "backbone", "2x (8,16)", "8x (8,64)", "8x (8,64) recompute")
+    rows = [line.split("|")[1:-1] for line in out.splitlines()
+            if re.match(r"\| 128 \|", line)]
+    assert [r[1].strip() for r in rows] == ["backbone", "2x (8,16)", "8x (8,64)",
+                                           "8x (8,64) recompute"]
+    saved = {r[1].strip(): float(r[7]) for r in rows}
+    assert float(rows[0][4]) == 1.0 and float(rows[0][6]) == 1.0  # ratios to the backbone
+    assert saved["backbone"] < saved["2x (8,16)"] < saved["8x (8,64)"]
+    assert saved["8x (8,64) recompute"] < saved["8x (8,64)"]
+
+
+def test_bench_step_prints_one_json_ratio():
+    out = _run("bench_step.py", "--layers", "1", "--hidden", "64", "--heads", "4",
+               "--groups", "2", "--seq", "32", "--mbs", "1", "--vocab", "128", "--steps", "1",
+               "--rounds", "1", "--warmup", "1", "--json")
+    result = json.loads(out.strip().splitlines()[-1])
+    assert result["ratio"] > 0
