@@ -16,7 +16,10 @@ terms from one GEMM on the per-segment RMS-normalised state, in fp32:
     A(H) = S_a * C[..., :m+n] + A                  row i from segment i
     B(H) = (S_b * C[..., m+n:])^T + B              [s, b, m, n]
 
-The write is one batched matmul: ``H' = [B(H); Â(H)]^T [Z; H]``.
+Dynamic GHC runs as two autograd functions with hand-written backward passes
+(:class:`_DynamicRead`: norm, coefficients and read; :class:`_DynamicWrite`: the write), built to
+pass over the ``r``-times-wider state as few times as the math allows; ``docs/vwn.md`` ("How GHC
+is computed") says what that buys.
 """
 
 from __future__ import annotations
@@ -25,7 +28,6 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 
 @dataclass(frozen=True)
@@ -123,8 +125,11 @@ class _DynamicRead(torch.autograd.Function):
         grad_read = torch.bmm(state, grad_out.transpose(1, 2))
         grad_carry = None if grad_carry_t is None else grad_carry_t.transpose(1, 2)
         for part, value in zip(grad.split([m, n, m], dim=-1),
-                               (grad_read, grad_carry, grad_write_t)):
-            part.copy_(value) if value is not None else part.zero_()
+                               (grad_read, grad_carry, grad_write_t), strict=True):
+            if value is None:
+                part.zero_()
+            else:
+                part.copy_(value)
         grad_static = grad.sum(0)
         grad_scales = torch.mul(grad, activated).sum(0)
         grad_logits = torch.ops.aten.tanh_backward(grad.mul_(scales), activated)
@@ -198,8 +203,9 @@ class GHC(torch.nn.Module):
             self.scale_b = param(torch.full(scale_b, init.scale), decay=False)
 
     def _fused_operands(self):
-        """The parameters as :class:`_DynamicRead` takes them: ``W^T = (diag(g) W_proj / tau)^T``
-        ``[2m + n, d_b]`` (the layout whose GEMMs are fast both ways), and scales and static coefficients laid out like the coefficients,
+        """The parameters as :class:`_DynamicRead` takes them, in fp32 at least:
+        ``W^T = (diag(g) W_proj / tau)^T`` ``[2m + n, d_b]`` (the layout whose GEMMs are fast
+        both ways), and the scales and static coefficients laid out like the coefficients,
         ``[n, 2m + n]`` (row i: read | carry | write^T)."""
         n, m = self.n, self.m
         dtype = torch.promote_types(self.proj.dtype, torch.float32)

@@ -246,10 +246,13 @@ def test_ghc_backward_matches_autograd_of_the_equations(case):
     z = torch.randn(5, 2, m * d_b, dtype=torch.float64, requires_grad=True)
     grad_x, grad_out = torch.randn_like(z), torch.randn_like(hidden)
 
+    def module_forward(ghc, hidden, z):
+        x, saved = ghc.read(hidden)
+        return x, ghc.write(z, saved)
+
     results = []
-    for forward in (lambda: _ghc_reference(ghc, hidden, z),
-                    lambda: (lambda x, saved: (x, ghc.write(z, saved)))(*ghc.read(hidden))):
-        x, out = forward()
+    for forward in (_ghc_reference, module_forward):
+        x, out = forward(ghc, hidden, z)
         torch.autograd.backward([x, out], [grad_x, grad_out])
         results.append((x.detach(), out.detach(), hidden.grad, z.grad,
                         {k: p.grad for k, p in ghc.named_parameters()}))
