@@ -88,8 +88,8 @@ class _DynamicRead(torch.autograd.Function):
     wide-state-sized tensors in backward (the norm's backward, gradient sums, a concatenation)
     and runs its GEMMs in the slow transposed layouts. Here the state's gradient is one GEMM
     output updated in place (norm term, read term), the coefficient gradient is assembled once,
-    and each GEMM uses its fast layout (hence ``W^T``). ``recompute`` keeps only ``H`` and
-    ``rstd`` and recomputes ``H W`` and the tanh in backward (the paper's memory saving).
+    and each GEMM uses its fast layout (hence ``W^T``). With ``recompute`` the output of ``H W``
+    and of the tanh are not kept but recomputed in backward (the paper's memory saving).
     """
 
     @staticmethod
