@@ -14,19 +14,14 @@ from pathlib import Path
 import torch
 
 from megatron_vwn.checkpoint.files import TRACKER
-from tests.distributed.launcher import REPO, _free_port, run_ranks
+from tests.distributed.launcher import REPO, SMALL_RUN, _free_port, run_ranks
 
 WORKER = "tests/distributed/checkpoint_worker.py"
 
-# 4 layers (PP=2 x VPP=2 fits), GQA over TP=2, validation every 3 iterations. The LR decay
-# length is fixed so a run stopped early (train.iters=N) and its resumption share the schedule.
-BASE = [
-    "model.num_layers=4", "model.hidden_size=64", "model.num_attention_heads=4",
-    "model.num_query_groups=2", "model.ffn_hidden_size=128", "model.seq_length=32",
-    "train.micro_batch_size=2", "train.global_batch_size=8", "train.warmup_iters=2",
-    "train.lr=1e-3", "train.lr_decay_iters=40", "train.eval_interval=3", "train.eval_iters=2",
-    "logging.wandb=off", "logging.interval=1", "data.split=90,10,0",
-]
+# Validation every 3 iterations. The LR decay length is fixed so a run stopped early
+# (train.iters=N) and its resumption share the schedule.
+BASE = [*SMALL_RUN, "train.warmup_iters=2", "train.lr_decay_iters=40", "train.eval_interval=3",
+        "train.eval_iters=2"]
 COMPARED = ("iteration", "split", "lm_loss", "grad_norm", "lr")
 
 

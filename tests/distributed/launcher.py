@@ -16,6 +16,15 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 
+# The small run the parity and checkpoint suites share: small enough for 2 cores, deep enough
+# for PP=2 x VPP=2 (4 layers), GQA to split over TP=2; each suite adds its schedule on top.
+SMALL_RUN = [
+    "model.num_layers=4", "model.hidden_size=64", "model.num_attention_heads=4",
+    "model.num_query_groups=2", "model.ffn_hidden_size=128", "model.seq_length=32",
+    "train.micro_batch_size=2", "train.global_batch_size=8", "train.lr=1e-3",
+    "logging.wandb=off", "logging.interval=1", "data.split=90,10,0",
+]
+
 
 def _free_port() -> int:
     with socket.socket() as sock:

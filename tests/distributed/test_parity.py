@@ -10,18 +10,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.distributed.launcher import run_ranks
+from tests.distributed.launcher import SMALL_RUN, run_ranks
 
 WORKER = "tests/distributed/parity_worker.py"
 
-# Small enough for 2 cores, deep enough for PP=2 x VPP=2 (4 layers), GQA to split over TP=2.
-BASE = [
-    "model.num_layers=4", "model.hidden_size=64", "model.num_attention_heads=4",
-    "model.num_query_groups=2", "model.ffn_hidden_size=128", "model.seq_length=32",
-    "train.micro_batch_size=2", "train.global_batch_size=8", "train.iters=3",
-    "train.warmup_iters=0", "train.lr=1e-3", "train.clip_grad=1e9", "train.eval_interval=0",
-    "logging.wandb=off", "logging.interval=1", "data.split=90,10,0",
-]
+BASE = [*SMALL_RUN, "train.iters=3", "train.warmup_iters=0", "train.clip_grad=1e9",
+        "train.eval_interval=0"]
 
 LAYOUTS = {
     "tp2_sp": (2, ["parallel.tensor=2", "parallel.sequence_parallel=true"]),
