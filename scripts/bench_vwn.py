@@ -74,8 +74,8 @@ def layer_pass(model, args: argparse.Namespace, device: torch.device):
     """Forward + backward of the model's first transformer layer on a fixed random input of the
     width it carries (``D'`` for VWN, ``D`` for the backbone)."""
     layer = model.decoder.layers[0]
-    width = layer.attention_ghc.n * layer.attention_ghc.d_b if hasattr(
-        layer, "attention_ghc") else model.config.hidden_size
+    ghc = getattr(layer, "attention_ghc", None)
+    width = ghc.n * ghc.d_b if ghc is not None else model.config.hidden_size
     dtype = next(layer.parameters()).dtype
     gen = torch.Generator(device=device).manual_seed(0)
     hidden = torch.randn(args.seq, args.mbs, width, device=device, dtype=dtype, generator=gen)

@@ -10,22 +10,13 @@ shape, dtype and bytes, and the optimizer state's size. Examples::
 
 from __future__ import annotations
 
-import argparse
 import sys
 
-from megatron_vwn.checkpoint.inspect import add_inspect_arguments, run_inspect
-from megatron_vwn.config.errors import ConfigError
+from megatron_vwn.cli import main as cli_main
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add_inspect_arguments(parser)
-    args = parser.parse_args(argv)
-    try:
-        return run_inspect(args)
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    return cli_main(["checkpoint", "inspect", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

@@ -11,24 +11,13 @@ Kept under the name Megatron-LM users look for. Examples::
 
 from __future__ import annotations
 
-import argparse
-import logging
 import sys
 
-from megatron_vwn.config.errors import ConfigError
-from megatron_vwn.data.preprocess import add_preprocess_arguments, run_preprocess
+from megatron_vwn.cli import main as cli_main
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add_preprocess_arguments(parser)
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        return run_preprocess(args)
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    return cli_main(["preprocess", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":
