@@ -16,8 +16,8 @@ from megatron_vwn.config.schema import Config
 from megatron_vwn.model.layout import initialize_layout_invariant
 from megatron_vwn.model.mtp import MTPLossRecorder, chain_wide_states
 from megatron_vwn.model.specs import model_specs, resolve_transformer_impl
-from megatron_vwn.model.vwn import VWNShape
-from megatron_vwn.model.vwn_io import VWNEmbedding
+from megatron_vwn.model.width.vwn import VWNShape
+from megatron_vwn.model.width.vwn_io import VWNEmbedding
 from megatron_vwn.parallel.cpu import cpu_mode
 
 

@@ -35,8 +35,8 @@ from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_vwn.model.norm import RMSNorm
-from megatron_vwn.model.vwn import VWNShape, vwn_layer_spec
-from megatron_vwn.model.vwn_io import VWNFinalNorm
+from megatron_vwn.model.width.vwn import VWNShape, vwn_layer_spec
+from megatron_vwn.model.width.vwn_io import VWNFinalNorm
 
 
 class BlockLinear(torch.nn.Module):

@@ -34,8 +34,8 @@ from megatron_vwn.config.errors import ConfigError
 from megatron_vwn.model.attention import SDPAttention
 from megatron_vwn.model.mtp import mtp_block_spec
 from megatron_vwn.model.norm import RMSNorm
-from megatron_vwn.model.vwn import VWNShape, vwn_layer_spec
-from megatron_vwn.model.vwn_io import VWNFinalNorm
+from megatron_vwn.model.width.vwn import VWNShape, vwn_layer_spec
+from megatron_vwn.model.width.vwn_io import VWNFinalNorm
 
 
 def transformer_engine_available() -> bool:

@@ -11,8 +11,8 @@ from megatron.core.transformer.transformer_layer import TransformerLayer
 from megatron_vwn.config import load_config
 from megatron_vwn.model.accounting import count_params
 from megatron_vwn.model.builder import build_model, build_transformer_config
-from megatron_vwn.model.ghc import GHC, GHCInit, hc_init, vwn_init
-from megatron_vwn.model.vwn import VWNTransformerLayer
+from megatron_vwn.model.width.ghc import GHC, GHCInit, hc_init, vwn_init
+from megatron_vwn.model.width.vwn import VWNTransformerLayer
 
 VOCAB = 256
 SHAPE = ["model.num_layers=3", "model.hidden_size=32", "model.num_attention_heads=4",

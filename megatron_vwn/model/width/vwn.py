@@ -20,7 +20,7 @@ from megatron.core.transformer.transformer_layer import TransformerLayer
 from megatron.core.utils import make_viewless_tensor
 
 from megatron_vwn.config.schema import VwnConfig
-from megatron_vwn.model.ghc import GHC, hc_init, vwn_init
+from megatron_vwn.model.width.ghc import GHC, hc_init, vwn_init
 
 
 @dataclass(frozen=True)

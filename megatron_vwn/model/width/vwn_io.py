@@ -26,7 +26,7 @@ from megatron.core.transformer.spec_utils import build_module
 from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
 
-from megatron_vwn.model.vwn import VWNShape
+from megatron_vwn.model.width.vwn import VWNShape
 
 
 def _device(config: TransformerConfig):
