@@ -51,13 +51,15 @@ def inspect_checkpoint(path: str | Path) -> dict:
     """Everything the inspector reports, as plain data."""
     from megatron.core import dist_checkpointing
 
+    from megatron_vwn.model.mcore_compat import load_common_state_dict
+
     directory = resolve_checkpoint_dir(Path(path))
     report: dict = {"path": str(directory), "complete": is_complete(directory)}
     if report["complete"]:
         manifest = read_manifest(directory)
         report["files"] = len(manifest["files"])
         report["bytes_on_disk"] = sum(f["bytes"] for f in manifest["files"].values())
-    common = dist_checkpointing.load_common_state_dict(str(directory))
+    common = load_common_state_dict(directory)
     run = common.get("run", {})
     report.update({
         "iteration": run.get("state", {}).get("iteration"),

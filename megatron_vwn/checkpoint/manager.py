@@ -55,6 +55,7 @@ from megatron_vwn.checkpoint.state import (
 )
 from megatron_vwn.config import Config, dump_config, to_dict
 from megatron_vwn.config.errors import ConfigError
+from megatron_vwn.model.mcore_compat import load_common_state_dict
 from megatron_vwn.training.optim import use_distributed_optimizer
 
 logger = logging.getLogger(__name__)
@@ -175,7 +176,7 @@ class CheckpointManager:
 
     def _load(self, path: Path, model: list, optimizer, scheduler, weights_only: bool) -> RunState:
         tick = time.perf_counter()
-        common = dist_checkpointing.load_common_state_dict(str(path))
+        common = load_common_state_dict(path)
         if "run" not in common:
             raise CheckpointError(f"checkpoint {path} holds no megatron-vwn run state (written by "
                                   f"another program?); it cannot be resumed")

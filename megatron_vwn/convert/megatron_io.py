@@ -155,14 +155,15 @@ def load_checkpoint(path: str | Path, tokenizer_vocab: int | None = None,
 
 def read_saved_run(path: str | Path):
     """``(checkpoint directory, SavedRun)`` without building anything (no process group)."""
-    from megatron.core import dist_checkpointing
-
     from megatron_vwn.checkpoint.inspect import resolve_checkpoint_dir
     from megatron_vwn.checkpoint.state import SavedRun
+    from megatron_vwn.model.mcore_compat import load_common_state_dict
 
     directory = resolve_checkpoint_dir(Path(path))
     try:
-        common = dist_checkpointing.load_common_state_dict(str(directory))
+        common = load_common_state_dict(directory)
+    except CheckpointError:
+        raise
     except Exception as exc:
         raise CheckpointError(f"{directory} is not a megatron-vwn checkpoint: {exc}") from exc
     if "run" not in common:

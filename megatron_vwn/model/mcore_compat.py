@@ -11,6 +11,10 @@ number, so a release in between or after works where its API does:
   the module attribute). :func:`mtp_layer_submodules` builds either; checkpoints always use the
   0.16 name (:func:`canonical_checkpoint_keys`), so a run saved under one release resumes,
   reshards and converts under the other.
+* Checkpoint format: after 0.16 the common (non-sharded) state moved from ``common.pt`` into the
+  torch_dist files. Newer releases read both; 0.16 reads only ``common.pt``, so
+  :func:`load_common_state_dict` names the problem instead of failing inside Megatron. A
+  checkpoint saved under 0.16 resumes under 0.19, not the reverse.
 * ``TransformerLayer._forward_attention`` / ``_forward_mlp`` (private, no public equivalent in
   0.19): ``VWNTransformerLayer`` calls them with the keywords of :data:`LAYER_FORWARD_KEYWORDS`,
   which both releases accept; ``tests/unit/test_mcore_compat.py`` checks the signatures so an
@@ -20,13 +24,19 @@ number, so a release in between or after works where its API does:
 from __future__ import annotations
 
 import dataclasses
+import importlib.metadata
 import re
+from pathlib import Path
 
+from megatron.core import dist_checkpointing
+from megatron.core.dist_checkpointing import serialization
 from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer.multi_token_prediction import MultiTokenPredictionLayerSubmodules
 
+from megatron_vwn.checkpoint.errors import CheckpointError
+
 __all__ = ["GPTModel", "MTP_INNER_LAYER", "LAYER_FORWARD_KEYWORDS", "mtp_layer_submodules",
-           "canonical_checkpoint_keys"]
+           "canonical_checkpoint_keys", "load_common_state_dict"]
 
 _MTP_FIELDS = {f.name for f in dataclasses.fields(MultiTokenPredictionLayerSubmodules)}
 MTP_INNER_LAYER = "mtp_model_layer" if "mtp_model_layer" in _MTP_FIELDS else "transformer_layer"
@@ -73,3 +83,20 @@ def canonical_checkpoint_keys(sharded_state_dict: dict) -> dict:
 
     dict_list_map_inplace(rename, sharded_state_dict)
     return sharded_state_dict
+
+
+READS_EMBEDDED_COMMON_STATE = hasattr(serialization, "_legacy_common_state_exists")
+"""Whether this release reads checkpoints that keep the common state inside the torch_dist files."""
+
+
+def load_common_state_dict(path: str | Path) -> dict:
+    """``dist_checkpointing.load_common_state_dict``, refusing with a clear line a checkpoint in a
+    format this release cannot read."""
+    path = Path(path)
+    if not READS_EMBEDDED_COMMON_STATE and not (path / "common.pt").exists():
+        raise CheckpointError(
+            f"checkpoint {path} was written by a newer Megatron-Core (its common state is inside "
+            f"the torch_dist files, as 0.19 writes it); megatron-core "
+            f"{importlib.metadata.version('megatron-core')} here reads only common.pt: load it "
+            f"with the release that wrote it (0.19.2 is tested)")
+    return dist_checkpointing.load_common_state_dict(str(path))

@@ -14,6 +14,7 @@ from megatron.core.dist_checkpointing.mapping import ShardedTensor
 from megatron.core.transformer.multi_token_prediction import MultiTokenPredictionLayer
 from megatron.core.transformer.transformer_layer import TransformerLayer
 
+from megatron_vwn.checkpoint.errors import CheckpointError
 from megatron_vwn.model import mcore_compat
 from megatron_vwn.model.mcore_compat import (
     CANONICAL_MTP_INNER_LAYER,
@@ -69,3 +70,12 @@ def test_gpt_model_is_megatron_cores():
     from megatron.core.models.gpt import GPTModel
 
     assert mcore_compat.GPTModel is GPTModel
+
+
+@pytest.mark.skipif(mcore_compat.READS_EMBEDDED_COMMON_STATE,
+                    reason="this release reads both checkpoint formats")
+def test_a_newer_format_checkpoint_is_refused_in_one_line(tmp_path):
+    (tmp_path / ".metadata").write_bytes(b"")  # torch_dist files, no common.pt (0.19's format)
+    with pytest.raises(CheckpointError, match=r"written by a newer Megatron-Core .* reads only "
+                                              r"common\.pt"):
+        mcore_compat.load_common_state_dict(tmp_path)
