@@ -61,8 +61,8 @@ class HeldOut:
         self.make_iterators = make_iterators
         self._rolling = make_iterators(consumed_samples) if train.eval_mode == "rolling" else None
 
-    def score(self, model_chunks: list, schedule: Schedule) -> dict[str, float]:
-        """One evaluation: mean losses over ``train.eval_iters`` global batches."""
+    def score(self, model_chunks: list, schedule: Schedule) -> tuple[dict[str, float], int]:
+        """One evaluation: mean losses over ``train.eval_iters`` global batches, and the
+        number of tokens they score."""
         iterators = self._rolling if self._rolling is not None else self.make_iterators(0)
-        losses, _ = evaluate(model_chunks, iterators, schedule, self.train.eval_iters)
-        return losses
+        return evaluate(model_chunks, iterators, schedule, self.train.eval_iters)

@@ -254,7 +254,7 @@ class Trainer:
 
     def validate(self) -> float:
         """Token-weighted mean losses over the held-out batches (``train.eval_mode``)."""
-        losses = self.held_out.score(self.model, self.schedule)
+        losses, _ = self.held_out.score(self.model, self.schedule)
         self.consumed_valid_samples += self.cfg.train.eval_iters * self.cfg.train.global_batch_size
         self.metrics.log_valid({
             "iteration": self.iteration,
