@@ -81,15 +81,16 @@ class RunData:
         return self.curves.get("lm_loss", Curve([], []))
 
 
-def _vocab_size(cfg: Config) -> int:
-    """The padded vocabulary the run's output layer has (as the trainer computes it)."""
+def padded_vocab_of(cfg: Config, tensor_parallel: int | None = None) -> int:
+    """The padded vocabulary of ``cfg``'s output layer (as the trainer pads it), from
+    ``model.vocab_size``, the tokenizer file, or the bundled tokenizer's size; no data needed."""
     vocab = cfg.model.vocab_size
     if not vocab and cfg.data.tokenizer_model and Path(cfg.data.tokenizer_model).is_file():
         import sentencepiece as spm
 
         vocab = spm.SentencePieceProcessor(model_file=cfg.data.tokenizer_model).get_piece_size()
     vocab = vocab or cfg.data.tokenizer_vocab_size
-    multiple = cfg.model.make_vocab_size_divisible_by * cfg.parallel.tensor
+    multiple = cfg.model.make_vocab_size_divisible_by * (tensor_parallel or cfg.parallel.tensor)
     return -(-vocab // multiple) * multiple
 
 
@@ -116,7 +117,7 @@ def load_run(directory: str | Path, name: str | None = None) -> RunData:
                        directory, cfg.train.eval_mode)
     return RunData(name=name or cfg.run.name or directory.name, directory=directory, cfg=cfg,
                    curves=curves, tokens=int(tokens),
-                   flops_per_token=flops_per_token(cfg.model, _vocab_size(cfg)))
+                   flops_per_token=flops_per_token(cfg.model, padded_vocab_of(cfg)))
 
 
 def find_runs(paths: list[str | Path]) -> list[RunData]:
