@@ -154,6 +154,8 @@ def eval_config(ns: argparse.Namespace, work_dir: str):
 
 def score(ns: argparse.Namespace, work_dir: str) -> dict:
     """Build the model on this rank, load the checkpoint, score; the result on every rank."""
+    from megatron.core import parallel_state
+
     from megatron_vwn.config import validate
     from megatron_vwn.data.sampler import build_loader
     from megatron_vwn.launch.env import resolve_dist_env
@@ -173,8 +175,6 @@ def score(ns: argparse.Namespace, work_dir: str) -> dict:
             text = text_samples(read_documents(ns.text, ns.json_key), trainer.tokenizer,
                                 cfg.model.seq_length, cfg.data.eod_mask_loss)
             samples = pad_to_batches(text.samples, cfg.train.global_batch_size)
-            from megatron.core import parallel_state
-
             iterators = [
                 build_loader(samples, cfg.train.micro_batch_size,
                              parallel_state.get_data_parallel_rank(),
@@ -195,15 +195,17 @@ def score(ns: argparse.Namespace, work_dir: str) -> dict:
     return result
 
 
-def _work_dir(ns: argparse.Namespace) -> str:
+def _work_dir(ns: argparse.Namespace) -> contextlib.AbstractContextManager[str]:
+    """The scratch run directory (the model's config and logs): ``--work-dir`` (given by
+    ``--nproc``), a name every rank of an outside launcher agrees on, or a temporary one."""
     if ns.work_dir:
-        return ns.work_dir
+        return contextlib.nullcontext(ns.work_dir)
     env = os.environ
-    if "MASTER_PORT" in env:  # ranks started by a launcher agree on this name
-        return os.path.join(tempfile.gettempdir(),
-                            f"megatron-vwn-eval-{env.get('MASTER_ADDR', 'local')}-"
-                            f"{env['MASTER_PORT']}")
-    return tempfile.mkdtemp(prefix="megatron-vwn-eval-")
+    if "MASTER_PORT" in env:
+        return contextlib.nullcontext(os.path.join(
+            tempfile.gettempdir(),
+            f"megatron-vwn-eval-{env.get('MASTER_ADDR', 'local')}-{env['MASTER_PORT']}"))
+    return tempfile.TemporaryDirectory(prefix="megatron-vwn-eval-")
 
 
 def _launch(ns: argparse.Namespace) -> int:
@@ -226,15 +228,14 @@ def _launch(ns: argparse.Namespace) -> int:
 
 
 def run_eval(ns: argparse.Namespace) -> int:
-    from megatron_vwn.launch.env import under_launcher
+    from megatron_vwn.launch.env import resolve_dist_env, under_launcher
 
     if ns.nproc is not None and not under_launcher():
         return _launch(ns)
-    work_dir = _work_dir(ns)
     # Logs go to stderr so that stdout carries only the result.
-    with contextlib.redirect_stdout(sys.stderr):
+    with _work_dir(ns) as work_dir, contextlib.redirect_stdout(sys.stderr):
         result = score(ns, work_dir)
-    if int(os.environ.get("RANK", "0")) != 0:
+    if resolve_dist_env().rank != 0:
         return 0
     if ns.json:
         print(json.dumps(result))
