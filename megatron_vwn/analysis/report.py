@@ -193,8 +193,9 @@ def _plot(runs: list[RunData], summary: dict, base: RunData | None, out: Path) -
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    def style(run: RunData) -> dict:
+    def style(run: RunData) -> dict:  # one colour per run across the figures
         return {"label": run.name, "marker": "o", "markersize": 3,
+                "color": f"C{runs.index(run) % 10}",
                 "linestyle": "--" if run.mtp_depths else "-"}
 
     written = []
