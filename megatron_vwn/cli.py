@@ -5,6 +5,7 @@
     megatron-vwn checkpoint inspect PATH [--json]   (see docs/checkpoints.md)
     megatron-vwn slurm submit|sweep|status ...      (see docs/slurm.md)
     megatron-vwn convert hf|from-hf ...             (see docs/convert.md)
+    megatron-vwn eval|report|profile ...            (see docs/width_scaling.md)
 
 ``train`` with no CONFIG trains the tiny default (``configs/tiny.yaml``). ``--nproc N`` starts N
 local ranks through torchrun; under torchrun or SLURM the same command picks up the launcher's
@@ -113,6 +114,9 @@ def build_parser() -> argparse.ArgumentParser:
     from megatron_vwn.convert.cli import add_convert_arguments
 
     add_convert_arguments(sub.add_parser("convert", help="Hugging Face export and import"))
+    from megatron_vwn.analysis.report_cli import add_analysis_parsers
+
+    add_analysis_parsers(sub)  # eval, report, profile (their handler is ns.run)
     return parser
 
 
@@ -123,7 +127,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     ns, extra = parser.parse_known_args(argv)
     # Overrides may follow options (`train --nproc 2 train.lr=1e-3`); argparse leaves them over.
-    if ns.command in ("train", "slurm") and hasattr(ns, "args") \
+    if ns.command in ("train", "slurm", "eval", "profile") and hasattr(ns, "args") \
             and all(not item.startswith("-") for item in extra):
         ns.args.extend(extra)
     elif extra:
@@ -131,7 +135,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     handlers = {"train": cmd_train, "preprocess": cmd_preprocess, "checkpoint": cmd_checkpoint,
                 "slurm": cmd_slurm, "convert": cmd_convert}
     try:
-        return handlers[ns.command](ns)
+        return handlers[ns.command](ns) if ns.command in handlers else ns.run(ns)
     except ConfigError as exc:
         print(f"megatron-vwn: error: {exc}", file=sys.stderr)
         return 2

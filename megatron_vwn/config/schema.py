@@ -234,6 +234,11 @@ class TrainConfig:
     eval_interval: int = 50
     """Validate every this many iterations (and at the end); 0 disables validation."""
     eval_iters: int = 4
+    """Global batches of the validation split scored by one evaluation."""
+    eval_mode: Literal["fixed", "rolling"] = "fixed"
+    """fixed: every evaluation scores the same held-out tokens (the first ``eval_iters`` global
+    batches of the validation split), comparable across iterations, runs and widths; rolling:
+    each evaluation reads the next ``eval_iters`` batches of a cyclic validation stream."""
 
     def validate(self) -> None:
         for key in ("iters", "micro_batch_size", "global_batch_size"):

@@ -33,10 +33,11 @@ from megatron_vwn.model.accounting import flops_per_token, format_summary
 from megatron_vwn.model.builder import build_model, padded_vocab_size
 from megatron_vwn.parallel.distributed import destroy_distributed, initialize_distributed
 from megatron_vwn.parallel.pipeline import tensor_shape_adjuster
+from megatron_vwn.training.evaluation import HeldOut, valid_samples_needed
 from megatron_vwn.training.metrics import MetricsWriter
 from megatron_vwn.training.optim import build_optimizer, build_scheduler, use_distributed_optimizer
 from megatron_vwn.training.signals import StopSignals
-from megatron_vwn.training.step import ForwardStep, Schedule, StepResult, eval_step, train_step
+from megatron_vwn.training.step import ForwardStep, Schedule, StepResult, train_step
 
 logger = logging.getLogger(__name__)
 
@@ -153,12 +154,7 @@ class Trainer:
 
     def _build_data(self) -> None:
         cfg, train = self.cfg, self.cfg.train
-        evals = (train.iters // train.eval_interval + 1) if train.eval_interval else 0
-        num_samples = (
-            train.iters * train.global_batch_size,
-            evals * train.eval_iters * train.global_batch_size,
-            0,
-        )
+        num_samples = (train.iters * train.global_batch_size, valid_samples_needed(train), 0)
         train_ds, valid_ds = build_datasets(
             cfg.data, self.prepared, self.tokenizer, cfg.model.seq_length, train.seed,
             num_samples, create_attention_mask=False,
@@ -180,7 +176,10 @@ class Trainer:
 
         consumed_train = self.iteration * train.global_batch_size
         self.train_iterators = loaders(train_ds, consumed_train, cyclic=False)
-        self.valid_iterators = loaders(valid_ds, self.consumed_valid_samples, cyclic=True)
+        self.held_out = HeldOut(
+            train, lambda consumed: loaders(valid_ds, consumed, cyclic=True),
+            self.consumed_valid_samples,
+        ) if valid_ds is not None else None
         self.has_valid = valid_ds is not None and bool(train.eval_interval)
         if train.eval_interval and valid_ds is None:
             logger.warning("data.split (%s) leaves no validation documents: validation is off",
@@ -254,15 +253,8 @@ class Trainer:
                 break
 
     def validate(self) -> float:
-        """Token-weighted mean losses over ``train.eval_iters`` global validation batches."""
-        sums: dict[str, float] = {}
-        tokens = 0.0
-        for _ in range(self.cfg.train.eval_iters):
-            result = eval_step(self.model, self.valid_iterators, self.schedule)
-            for key, value in result.losses.items():
-                sums[key] = sums.get(key, 0.0) + value * result.tokens
-            tokens += result.tokens
-        losses = {key: total / max(tokens, 1.0) for key, total in sums.items()}
+        """Token-weighted mean losses over the held-out batches (``train.eval_mode``)."""
+        losses, _ = self.held_out.score(self.model, self.schedule)
         self.consumed_valid_samples += self.cfg.train.eval_iters * self.cfg.train.global_batch_size
         self.metrics.log_valid({
             "iteration": self.iteration,

@@ -41,6 +41,7 @@ CASES = [
     (["parallel.sequence_parallel=true"], "parallel.sequence_parallel=true needs parallel.tensor"),
     (["train.min_lr=1", "train.lr=0.1"], "train.min_lr (1.0) must be <= train.lr (0.1)"),
     (["data.paths=[a, b]", "data.weights=[1]"], "data.weights has 1 entries but data.paths has 2"),
+    (["train.eval_mode=moving"], "train.eval_mode ('moving') must be one of"),
     # virtual width (model.vwn.*)
     (["model.vwn.m=3", "model.vwn.n=6"], "model.vwn.m (3) must divide model.hidden_size (128)"),
     (["model.vwn.m=4", "model.vwn.n=2"], "model.vwn.n (2) must be >= model.vwn.m (4)"),

@@ -1,0 +1,1 @@
+"""Analysis of runs and sweeps: held-out scoring, reports, speed-ups and profiles."""

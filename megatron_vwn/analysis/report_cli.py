@@ -1,0 +1,40 @@
+"""``megatron-vwn report RUN_OR_SWEEP_DIR... [--baseline DIR] --out DIR`` (see
+:mod:`megatron_vwn.analysis.report` and docs/width_scaling.md), and the registration of the
+three analysis subcommands (``eval``, ``report``, ``profile``) in the CLI."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_analysis_parsers(sub) -> None:
+    """Add ``eval``, ``report`` and ``profile`` to the CLI's subparsers."""
+    from megatron_vwn.analysis.eval_cli import add_eval_arguments
+    from megatron_vwn.analysis.profile import add_profile_arguments
+
+    add_eval_arguments(sub.add_parser("eval", help="score a text file with a trained model"))
+    add_report_arguments(sub.add_parser("report", help="width-scaling report of runs/sweeps"))
+    add_profile_arguments(sub.add_parser("profile", help="per-module FLOPs, parameters, latency"))
+
+
+def add_report_arguments(p: argparse.ArgumentParser) -> None:
+    p.description = __doc__.splitlines()[0]
+    p.add_argument("dirs", nargs="+", metavar="RUN_OR_SWEEP_DIR",
+                   help="run directories and/or sweep directories (with sweep.json)")
+    p.add_argument("--baseline", default=None, metavar="DIR",
+                   help="the backbone run the speed-ups are against (default: the first r=1 run)")
+    p.add_argument("--out", required=True, metavar="DIR",
+                   help="where report.md, summary.json and the PNGs go")
+    p.set_defaults(run=run_report)
+
+
+def run_report(ns: argparse.Namespace) -> int:
+    from megatron_vwn.analysis.report import fit_text, render_table, write_report
+    from megatron_vwn.log import setup_logging
+
+    setup_logging(rank=0)
+    summary = write_report(ns.dirs, ns.out, baseline=ns.baseline)
+    print(render_table(summary))
+    print(fit_text(summary["fit"]))
+    print(f"wrote {ns.out}/report.md, summary.json and the figures")
+    return 0
