@@ -1,0 +1,1 @@
+"""Analyses of trained models and sweeps: shape planning, interaction metrics, reports."""
