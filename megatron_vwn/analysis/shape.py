@@ -27,7 +27,6 @@ from fractions import Fraction
 from megatron_vwn.config.errors import ConfigError
 from megatron_vwn.config.schema import Config, ModelConfig
 from megatron_vwn.model.accounting import ParamCounts, count_params
-from megatron_vwn.model.builder import padded_vocab_size
 
 INTERVAL = (0.023, 0.047)
 """The NIL paper's efficient interaction interval of ``R_DW = L / D`` (1M-10M parameters)."""
@@ -114,6 +113,8 @@ class Shape:
 def planning_vocab_size(cfg: Config) -> int:
     """The padded vocabulary the run would build: ``model.vocab_size``, else the configured
     tokenizer's size, else the size of the tokenizer built for the bundled corpus."""
+    from megatron_vwn.model.builder import padded_vocab_size  # imports Megatron-Core: lazily
+
     vocab = cfg.model.vocab_size
     if vocab is None and cfg.data.tokenizer_model:
         from megatron_vwn.data.tokenizer import load_tokenizer
