@@ -2,10 +2,12 @@
 
 For each budget ``N`` and depth ``L`` the planner (:mod:`megatron_vwn.analysis.shape`) gives the
 widest ``D`` within ``N``; every (budget, depth, seed) becomes one training run of the same
-config and overrides, only the shape keys, ``train.seed`` and the run's name and directory
-changing. So data, token budget (``train.iters x train.global_batch_size x seq_length``) and
-schedule are the same for every shape. The interaction metrics are turned on (every
-``train.iters / 10`` iterations unless ``analysis.interaction_interval`` is set).
+config and overrides. Only the shape keys (``model.num_layers``, ``hidden_size``,
+``num_attention_heads``, ``num_query_groups``, ``ffn_hidden_size``: appended after the user's,
+whose shape sets the planner's rules), ``train.seed`` and the run's name and directory change.
+So data, token budget (``train.iters x train.global_batch_size x seq_length``) and schedule are
+the same for every shape. The interaction metrics are turned on (every ``train.iters / 10``
+iterations unless ``analysis.interaction_interval`` is set).
 
 Layout, for a sweep called ``NAME`` under ``RUNS_DIR``::
 
@@ -39,9 +41,9 @@ logger = logging.getLogger(__name__)
 
 MANIFEST = "shape_sweep.json"
 DEFAULT_RUNS_DIR = "runs/shape"
-RESERVED = ("model.num_layers", "model.hidden_size", "model.num_attention_heads",
-            "model.num_query_groups", "model.ffn_hidden_size", "train.seed", "run.dir",
-            "run.name")
+# The keys a sweep sets per run. Shape keys given by the user are allowed: they set the rules
+# (head dim, GQA ratio, FFN ratio) and the sweep's own shape overrides come after them.
+RESERVED = ("train.seed", "run.dir", "run.name")
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
@@ -95,8 +97,8 @@ def plan_shape_sweep(spec: ShapeSweepSpec, world_size: int | None = None) -> lis
     for item in spec.overrides:
         key = item.split("=", 1)[0].strip()
         if key in RESERVED:
-            raise ConfigError(f"{key} is set by the shape sweep for every run; use --params, "
-                              f"--depths, --seeds, --name or --runs-dir instead")
+            raise ConfigError(f"{key} is set by the shape sweep for every run; use --seeds "
+                              f"(from the config's train.seed), --name or --runs-dir instead")
     base = load_config(spec.config, spec.overrides)
     extra = []
     if not base.analysis.interaction_interval:
