@@ -1,7 +1,8 @@
 """The interaction metrics are the same in every parallel layout.
 
 A short run logs its ``split: "analysis"`` row (AGOP and W^T W AOFE ratios and energies) under
-TP=2+SP, PP=2 and TP2xPP2, and with virtual width under TP2xPP2; each must equal the
+TP=2+SP, PP=2, TP2xPP2, PP=2 x VPP=2 (the interleaved schedule) and DP=2 (each rank probes half
+the held-out batch), and with virtual width under TP2xPP2; each must equal the
 single-process row within 1e-5 relative. The learning rate is tiny so the one training step
 before the measurement cannot make the layouts' weights drift apart (that is the parity suite's
 job); what is compared is the measurement itself.
@@ -22,6 +23,8 @@ LAYOUTS = {
     "tp2_sp": (2, ["parallel.tensor=2", "parallel.sequence_parallel=true"]),
     "pp2": (2, ["parallel.pipeline=2"]),
     "tp2_pp2": (4, ["parallel.tensor=2", "parallel.pipeline=2", "parallel.sequence_parallel=true"]),
+    "pp2_vpp2": (2, ["parallel.pipeline=2", "parallel.virtual_pipeline=2"]),
+    "dp2": (2, []),
 }
 MODELS = {"backbone": [], "vwn_2_4": ["model.vwn.m=2", "model.vwn.n=4"]}
 CASES = [("backbone", layout) for layout in LAYOUTS] + [("vwn_2_4", "tp2_pp2")]
