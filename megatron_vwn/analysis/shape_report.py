@@ -9,7 +9,8 @@ Reads ``shape_sweep.json`` and every run's ``metrics.jsonl``; per run the final 
 * ``loss_vs_aofe_wtw.png``: final loss against the final W^T W AOFE ratio of every run, with the
   fitted power law ``loss = a * ratio^b`` (least squares on ``log loss`` vs ``log ratio``) and
   its R^2 (of that log-log fit);
-* ``aofe_over_training.png``: both AOFE ratios against the iteration, one line per run;
+* ``aofe_over_training.png``: both AOFE ratios against the iteration, one line per shape
+  (seeds averaged), coloured by ``R_DW``;
 * ``report.md``: the table, the fit, the best shape per budget, and how stable the ranking of
   the shapes is across seeds (Spearman correlation of the seeds' orderings, same best shape).
 """
@@ -235,23 +236,42 @@ def plot_loss_vs_aofe(results: list[RunResult], fit: PowerLaw | None, path: Path
 
 
 def plot_aofe_over_training(results: list[RunResult], path: Path) -> None:
+    """One line per shape (seeds averaged at their common iterations), coloured by ``R_DW``
+    on a log scale, one line style per budget."""
     import matplotlib.pyplot as plt
+    from matplotlib.colors import LogNorm
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    shapes: dict[tuple[int, int], list[RunResult]] = {}
     for r in results:
-        if not r.analysis:
-            continue
-        steps = [row["iteration"] for row in r.analysis]
-        label = f"{_budget_label(r.budget)} L{r.depth} D{r.hidden} s{r.seed}"
-        for ax, key in zip(axes, ("aofe_ratio_agop", "aofe_ratio_wtw"), strict=True):
-            ax.plot(steps, [row[key] for row in r.analysis], marker=".", label=label)
+        if r.analysis:
+            shapes.setdefault((r.budget, r.depth), []).append(r)
+    fig, axes = plt.subplots(1, 2, figsize=(12.5, 4.6), layout="constrained")
+    fig.suptitle("AOFE ratios over training, per shape (mean over seeds; line style: budget)")
+    if shapes:
+        ratios = [runs[0].r_dw for runs in shapes.values()]
+        norm = LogNorm(vmin=min(ratios), vmax=max(ratios) * (1.0001 if len(set(ratios)) == 1
+                                                            else 1.0))
+        styles = dict(zip(sorted({b for b, _ in shapes}), ["-", "--", ":", "-."] * 8,
+                          strict=False))
+        for (budget, depth), runs in sorted(shapes.items()):
+            common = sorted(set.intersection(*({row["iteration"] for row in r.analysis}
+                                               for r in runs)))
+            color = plt.cm.viridis(norm(runs[0].r_dw))
+            label = f"{_budget_label(budget)} L{depth} D{runs[0].hidden} (R_DW {runs[0].r_dw:.3f})"
+            for ax, key in zip(axes, ("aofe_ratio_agop", "aofe_ratio_wtw"), strict=True):
+                means = [statistics.fmean(next(row[key] for row in r.analysis
+                                               if row["iteration"] == step) for r in runs)
+                         for step in common]
+                ax.plot(common, means, marker=".", color=color, linestyle=styles[budget],
+                        label=label)
+        bar = fig.colorbar(plt.cm.ScalarMappable(norm=norm, cmap="viridis"), ax=axes)
+        bar.set_label("R_DW = L / D")
+        axes[1].legend(fontsize=6, ncol=2)
     for ax, title in zip(axes, ("AGOP AOFE ratio", "W^T W AOFE ratio"), strict=True):
         ax.set_xlabel("iteration")
         ax.set_ylabel(title)
-        ax.set_title(f"{title} over training")
+        ax.set_title(title)
         ax.grid(True, alpha=0.3)
-    axes[1].legend(fontsize=6, ncol=2)
-    fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
