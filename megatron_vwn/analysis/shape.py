@@ -12,7 +12,9 @@ The config's rules carry over to every ``D``:
 * FFN: the Llama rule (8/3 D rounded up to 64s) when ``model.ffn_hidden_size`` is unset, else
   the config's ``ffn_hidden_size / hidden_size`` ratio, rounded to an integer;
 * virtual width (``model.vwn.*``): ``m`` must divide ``D``; its extras (GHC modules, wide table,
-  expand/reduce) are counted in the budget.
+  expand/reduce) are counted in the budget;
+* tensor parallelism (``parallel.tensor``): heads, key/value groups and the FFN stay divisible
+  by it.
 
 ``--count non-embedding`` leaves the token table and output layer out of the budget.
 """
@@ -44,10 +46,12 @@ class ShapeRules:
     ffn_ratio: Fraction | None
     """None: the Llama rule; else ``ffn_hidden_size / hidden_size`` of the config."""
     multiple_of: int
-    """``D`` steps: lcm of ``head_dim x heads_per_group`` and the VWN fraction rate ``m``."""
+    """``D`` steps: lcm of ``head_dim x heads_per_group x tensor`` and the VWN fraction rate
+    ``m``."""
+    tensor: int = 1
 
     @classmethod
-    def of(cls, model: ModelConfig) -> ShapeRules:
+    def of(cls, model: ModelConfig, tensor: int = 1) -> ShapeRules:
         head_dim = model.hidden_size // model.num_attention_heads
         per_group = None
         if model.num_query_groups is not None:
@@ -55,14 +59,16 @@ class ShapeRules:
         ffn_ratio = None
         if model.ffn_hidden_size is not None:
             ffn_ratio = Fraction(model.ffn_hidden_size, model.hidden_size)
-        step = math.lcm(head_dim * (per_group or 1), model.vwn.m)
+        step = math.lcm(head_dim * (per_group or 1) * tensor, model.vwn.m)
         return cls(head_dim=head_dim, heads_per_group=per_group, ffn_ratio=ffn_ratio,
-                   multiple_of=step)
+                   multiple_of=step, tensor=tensor)
 
     def model_at(self, model: ModelConfig, depth: int, hidden: int) -> ModelConfig:
         heads = hidden // self.head_dim
         groups = None if self.heads_per_group is None else heads // self.heads_per_group
-        ffn = None if self.ffn_ratio is None else max(1, round(self.ffn_ratio * hidden))
+        ffn = None
+        if self.ffn_ratio is not None:  # the nearest multiple of the TP size
+            ffn = self.tensor * max(1, round(self.ffn_ratio * hidden / self.tensor))
         return dataclasses.replace(model, num_layers=depth, hidden_size=hidden,
                                    num_attention_heads=heads, num_query_groups=groups,
                                    ffn_hidden_size=ffn)
@@ -129,11 +135,11 @@ def budgeted(counts: ParamCounts, count: str) -> int:
 
 
 def plan_depth(model: ModelConfig, vocab_size: int, budget: int, depth: int,
-               count: str = "embedding") -> Shape:
+               count: str = "embedding", tensor: int = 1) -> Shape:
     """The widest ``D`` (a multiple of the rules' step) with ``depth`` layers within ``budget``.
 
     The count grows with ``D`` at fixed depth, so a binary search over ``D / step`` finds it."""
-    rules = ShapeRules.of(model)
+    rules = ShapeRules.of(model, tensor)
 
     def size(k: int) -> int:
         return budgeted(count_params(rules.model_at(model, depth, k * rules.multiple_of),
@@ -163,7 +169,8 @@ def plan_shapes(cfg: Config, budget: int, depths: list[int],
     if budget <= 0:
         raise ConfigError(f"--params ({budget}) must be > 0")
     vocab = planning_vocab_size(cfg)
-    return [plan_depth(cfg.model, vocab, budget, depth, count) for depth in depths]
+    return [plan_depth(cfg.model, vocab, budget, depth, count, cfg.parallel.tensor)
+            for depth in depths]
 
 
 def parse_depths(text: str) -> list[int]:

@@ -68,6 +68,16 @@ def test_interval_marks_and_r_dw():
     assert any(s.in_interval for s in shapes) and not all(s.in_interval for s in shapes)
 
 
+def test_tensor_parallel_keeps_heads_groups_and_ffn_divisible():
+    from megatron_vwn.config import validate
+
+    cfg = load_config(None, [*BASE, "model.ffn_hidden_size=99", "parallel.tensor=2"])  # odd
+    assert ShapeRules.of(cfg.model, 2).multiple_of == 64
+    for shape in plan_shapes(cfg, 600_000, [1, 2, 3, 5]):
+        assert shape.heads % 2 == 0 and shape.query_groups % 2 == 0 and shape.ffn % 2 == 0
+        validate(load_config(None, [*BASE, "parallel.tensor=2", *shape.overrides()]), 2)
+
+
 def test_budget_too_small_for_any_width():
     cfg = load_config(None, BASE)
     (shape,) = plan_shapes(cfg, 1000, [4])
