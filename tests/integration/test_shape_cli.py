@@ -59,7 +59,11 @@ def test_sweep_refusals(capsys, argv, message):
 
 def test_local_sweep_of_two_shapes_then_report(tmp_path, data_cache):
     runs_dir = tmp_path / "runs"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
+    # No launcher variables: an in-process test before this one may have left MASTER_PORT etc.
+    launcher = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK",
+                "LOCAL_WORLD_SIZE")
+    env = {k: v for k, v in os.environ.items() if k not in launcher}
+    env.update(OMP_NUM_THREADS="1", WANDB_MODE="disabled")
     sweep = [sys.executable, "-m", "megatron_vwn", "shape", "sweep", "--params", "700k",
              "--depths", "1,2", "--local", "--runs-dir", str(runs_dir), "--name", "two",
              "tiny", *SMALL, "train.iters=2", "train.micro_batch_size=2",
