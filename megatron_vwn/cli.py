@@ -6,6 +6,7 @@
     megatron-vwn slurm submit|sweep|status ...      (see docs/slurm.md)
     megatron-vwn convert hf|from-hf ...             (see docs/convert.md)
     megatron-vwn eval|report|profile ...            (see docs/width_scaling.md)
+    megatron-vwn shape plan|sweep|report ...        (see docs/shape.md)
 
 ``train`` with no CONFIG trains the tiny default (``configs/tiny.yaml``). ``--nproc N`` starts N
 local ranks through torchrun; under torchrun or SLURM the same command picks up the launcher's
@@ -92,6 +93,12 @@ def cmd_convert(ns: argparse.Namespace) -> int:
     return run_convert(ns)
 
 
+def cmd_shape(ns: argparse.Namespace) -> int:
+    from megatron_vwn.analysis.shape_cli import run_shape
+
+    return run_shape(ns)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from megatron_vwn import __version__
 
@@ -117,6 +124,10 @@ def build_parser() -> argparse.ArgumentParser:
     from megatron_vwn.analysis.report_cli import add_analysis_parsers
 
     add_analysis_parsers(sub)  # eval, report, profile (their handler is ns.run)
+    from megatron_vwn.analysis.shape_cli import add_shape_arguments
+
+    add_shape_arguments(sub.add_parser("shape", help="depth-width shape study (plan, sweep, "
+                                                     "report)"))
     return parser
 
 
@@ -127,13 +138,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     ns, extra = parser.parse_known_args(argv)
     # Overrides may follow options (`train --nproc 2 train.lr=1e-3`); argparse leaves them over.
-    if ns.command in ("train", "slurm", "eval", "profile") and hasattr(ns, "args") \
+    if ns.command in ("train", "slurm", "eval", "profile", "shape") and hasattr(ns, "args") \
             and all(not item.startswith("-") for item in extra):
         ns.args.extend(extra)
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     handlers = {"train": cmd_train, "preprocess": cmd_preprocess, "checkpoint": cmd_checkpoint,
-                "slurm": cmd_slurm, "convert": cmd_convert}
+                "slurm": cmd_slurm, "convert": cmd_convert, "shape": cmd_shape}
     try:
         return handlers[ns.command](ns) if ns.command in handlers else ns.run(ns)
     except ConfigError as exc:

@@ -326,6 +326,28 @@ class LoggingConfig:
 
 
 @dataclass
+class AnalysisConfig:
+    """Neural-interaction metrics logged during training (docs/shape.md, METHODS.md 4)."""
+
+    interaction_interval: int = 0
+    """Log ``aofe_ratio_agop`` and ``aofe_ratio_wtw`` (``split: analysis`` rows of metrics.jsonl)
+    every this many iterations and at the end; 0 turns them off."""
+    batches: int = 1
+    """Held-out global batches (``train.global_batch_size`` sequences each, the same ones every
+    time) the AGOP averages over."""
+    probes: int = 64
+    """Rows of the random logit projection ``P``: the AGOP is ``probes x probes``; each row
+    costs one backward pass per held-out micro-batch (the NIL code's 64)."""
+    seed: int = 0
+    """Seed of ``P``, independent of ``train.seed``."""
+
+    def validate(self) -> None:
+        _positive("analysis.interaction_interval", self.interaction_interval, allow_zero=True)
+        _positive("analysis.batches", self.batches)
+        _positive("analysis.probes", self.probes)
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
@@ -334,6 +356,7 @@ class Config:
     run: RunConfig = field(default_factory=RunConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     checkpoint: CheckpointConfig = field(default_factory=lambda: CheckpointConfig())
+    analysis: AnalysisConfig = field(default_factory=AnalysisConfig)
 
 
 @dataclass

@@ -17,7 +17,13 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
     cfg.data.validate()
     cfg.logging.validate()
     cfg.checkpoint.validate()
+    cfg.analysis.validate()
     model, par = cfg.model, cfg.parallel
+    if cfg.analysis.interaction_interval and model.mtp.num_layers:
+        raise ConfigError(
+            "analysis.interaction_interval > 0 needs model.mtp.num_layers=0 (the AGOP probes the "
+            "main head's logits, which GPTModel does not return with MTP heads)"
+        )
 
     if model.num_attention_heads % par.tensor:
         raise ConfigError(

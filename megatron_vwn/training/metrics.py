@@ -3,7 +3,9 @@
 ``metrics.jsonl`` is a contract: one JSON object per logged iteration with at least
 ``iteration``, ``split`` ("train" or "valid"), ``consumed_tokens``, ``lm_loss``, and for training
 rows ``lr``, ``grad_norm``, ``iter_time_s`` and ``tokens_per_s``. With multi-token prediction
-both kinds of row add ``mtp_loss_1`` ... ``mtp_loss_K``. Keys are added, never renamed.
+both kinds of row add ``mtp_loss_1`` ... ``mtp_loss_K``. With ``analysis.interaction_interval``
+there are also ``split: "analysis"`` rows (see :mod:`megatron_vwn.analysis.interaction_hook`).
+Keys are added, never renamed.
 """
 
 from __future__ import annotations
@@ -83,6 +85,14 @@ class MetricsWriter:
         self._write(row)
         logger.info("validation at iter %d | loss %.4f%s | ppl %.2f", row["iteration"],
                     row["lm_loss"], _mtp_text(row), math.exp(min(row["lm_loss"], 50.0)))
+
+    def log_analysis(self, row: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        row = {"split": "analysis", **row}
+        self._write(row)
+        logger.info("analysis at iter %d | AOFE ratio agop %.4f | wtw %.4f", row["iteration"],
+                    row["aofe_ratio_agop"], row["aofe_ratio_wtw"])
 
     def _write(self, row: dict[str, Any]) -> None:
         self._file.write(json.dumps(row) + "\n")

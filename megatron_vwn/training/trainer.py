@@ -22,6 +22,7 @@ from megatron.core.distributed import (
     finalize_model_grads,
 )
 
+from megatron_vwn.analysis.interaction_hook import interaction_metrics
 from megatron_vwn.checkpoint import CheckpointManager, RunState
 from megatron_vwn.config import Config, ConfigError, dump_config, to_dict, validate
 from megatron_vwn.data.datasets import build_datasets, prepare_data
@@ -219,6 +220,7 @@ class Trainer:
         cfg = self.cfg
         start = self.iteration
         window: list[tuple[dict[str, float], float]] = []
+        interaction = interaction_metrics(self)
         logger.info("training for %d iterations", cfg.train.iters - start)
         while self.iteration < cfg.train.iters:
             lr = self.optimizer.param_groups[0]["lr"]
@@ -249,6 +251,7 @@ class Trainer:
                 window.clear()
             if self.has_valid and (self.iteration % cfg.train.eval_interval == 0 or last):
                 self.validate()
+            interaction.after_step(self.iteration, last)
             if self._checkpoint_and_check_stop(last):
                 break
 

@@ -59,6 +59,12 @@ CASES = [
     (["model.vwn.m=2", "model.vwn.n=4", "model.tie_embeddings=true"],
      "model.tie_embeddings=true cannot tie the V x D' table of model.vwn.embedding=wide"),
     (["model.vwn.connection=ghcx"], "model.vwn.connection ('ghcx') must be one of"),
+    # neural-interaction metrics (analysis.*)
+    (["analysis.interaction_interval=-1"], "analysis.interaction_interval (-1) must be >= 0"),
+    (["analysis.probes=0"], "analysis.probes (0) must be > 0"),
+    (["analysis.batches=0"], "analysis.batches (0) must be > 0"),
+    (["analysis.interaction_interval=5", "model.mtp.num_layers=1"],
+     "analysis.interaction_interval > 0 needs model.mtp.num_layers=0"),
 ]
 
 
