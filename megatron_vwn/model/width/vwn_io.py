@@ -1,12 +1,17 @@
 """Where the wide state begins and ends: over-width embedding and the reduce to ``D``.
 
+Shared by every family member; :class:`~megatron_vwn.model.width.shape.VWNShape` says which
+variant a model uses.
+
 * :class:`VWNEmbedding` (first stage): Megatron's vocabulary-parallel ``LanguageModelEmbedding``
-  producing ``[s, b, D']``: a ``V x D'`` table (``wide``), a ``V x D`` table then
-  ``W_expand: D -> D'`` (``factorized``), or HC's ``D`` embedding replicated ``n`` times.
+  producing ``[s, b, D']``: a ``V x D'`` table (``wide``: VWN, AltUp), a ``V x D`` table then
+  ``W_expand: D -> D'`` (``factorized``), or the ``D`` embedding replicated ``n`` times
+  (``replicated``: HC, mHC, Recycled-AltUp).
 * :class:`VWNFinalNorm` (the stage holding the final norm): GroupNorm over groups of size ``D``
-  and ``W_reduce: D' -> D`` sharded over tensor parallelism (each rank owns a slice of ``D'``),
-  or HC's sum of streams; then the backbone's own final norm. It takes the place of the block's
-  ``final_layernorm`` in the spec, so ``GPTModel`` hands ``[s, b, D]`` to its output layer.
+  and ``W_reduce: D' -> D`` sharded over tensor parallelism (each rank owns a slice of ``D'``)
+  (``ghc``), or the sum / mean of the ``n`` streams, or AltUp's last computed block; then the
+  backbone's own final norm. It takes the place of the block's ``final_layernorm`` in the spec,
+  so ``GPTModel`` hands ``[s, b, D]`` to its output layer.
 """
 
 from __future__ import annotations
@@ -39,13 +44,13 @@ class VWNEmbedding(LanguageModelEmbedding):
     def __init__(self, config: TransformerConfig, vwn: VWNShape, vocab_size: int,
                  max_sequence_length: int, scatter_to_sequence_parallel: bool = True):
         self.vwn = vwn
-        wide_table = vwn.connection == "ghc" and vwn.embedding == "wide"
+        wide_table = vwn.embedding == "wide"
         table_config = dataclasses.replace(config, hidden_size=vwn.width) if wide_table else config
         super().__init__(table_config, vocab_size, max_sequence_length,
                          position_embedding_type="none",
                          scatter_to_sequence_parallel=scatter_to_sequence_parallel)
         self.expand = None
-        if vwn.connection == "ghc" and vwn.embedding == "factorized" and vwn.width > vwn.hidden:
+        if vwn.embedding == "factorized":
             weight = torch.empty(vwn.width, vwn.hidden, dtype=config.params_dtype,
                                  device=_device(config))
             self.expand = torch.nn.Parameter(weight)
@@ -57,7 +62,7 @@ class VWNEmbedding(LanguageModelEmbedding):
         embeddings = super().forward(input_ids, position_ids, tokentype_ids)  # [s, b, D or D']
         if self.expand is not None:
             return F.linear(embeddings, self.expand)  # [s, b, D']
-        if self.vwn.connection == "hc":
+        if self.vwn.embedding == "replicated":
             return embeddings.repeat(1, 1, self.vwn.n)  # n copies of the D-wide embedding
         return embeddings
 
@@ -107,7 +112,7 @@ class VWNFinalNorm(MegatronModule):
         self.group_norm = None
         self.reduce = None
         tp = config.tensor_model_parallel_size
-        if vwn.connection == "ghc" and vwn.width > vwn.hidden:
+        if vwn.reduce == "ghc":
             if vwn.group_norm:
                 self.group_norm = ShardedGroupNorm(vwn.width // tp, vwn.hidden, eps, config)
             self.reduce = tensor_parallel.RowParallelLinear(
@@ -128,9 +133,14 @@ class VWNFinalNorm(MegatronModule):
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         if self.keep_input:
             self._kept = hidden
-        if self.vwn.connection == "hc":
+        reduce = self.vwn.reduce
+        if reduce in ("sum", "mean", "active"):
             s, b, _ = hidden.shape
-            hidden = hidden.reshape(s, b, self.vwn.n, self.vwn.hidden).sum(dim=2)
+            streams = hidden.reshape(s, b, self.vwn.n, self.vwn.hidden)  # [s, b, n, D]
+            if reduce == "active":  # AltUp: the block the last layer computed
+                hidden = streams[:, :, self.vwn.active_block(self.vwn.num_layers - 1)]
+            else:
+                hidden = streams.sum(dim=2) if reduce == "sum" else streams.mean(dim=2)
         elif self.reduce is not None:
             if self.config.sequence_parallel:
                 # Gradients arriving here are complete on every rank: split, do not sum.
