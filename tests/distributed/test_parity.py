@@ -59,10 +59,23 @@ MTP = {
     for k in (1, 2)
 }
 MTP_LAYOUTS = ["tp2_sp", "pp2", "tp2_pp2"]
-MODELS = {**VWN, **MTP}
+# The rest of the family (docs/width_family.md): mHC n = 4, AltUp K = 2 (wide table) and
+# Recycled-AltUp K = 2 at every layout, and each with MTP K = 1. mHC's phi is drawn per global
+# parameter name, so its dynamic mappings are live (and compared) from the first step.
+ALTUP = ["model.vwn.connection=altup", "model.vwn.n=2", "model.vwn.dynamic=false"]
+FAMILY = {
+    "mhc4": ["model.vwn.connection=mhc", "model.vwn.n=4"],
+    "altup2": ALTUP,
+    "recycled2": [*ALTUP, "model.vwn.embedding=replicated"],
+}
+FAMILY_MTP = {f"{name}_mtp1": [*FAMILY[name], "model.mtp.num_layers=1",
+                               "model.mtp.loss_weight=0.3"] for name in ("mhc4", "altup2")}
+MODELS = {**VWN, **MTP, **FAMILY, **FAMILY_MTP}
 CASES = [("backbone", layout) for layout in LAYOUTS] + [
     (model, layout) for model in VWN for layout in VWN_LAYOUTS
-] + [(model, layout) for model in MTP for layout in MTP_LAYOUTS]
+] + [(model, layout) for model in MTP for layout in MTP_LAYOUTS] + [
+    (model, layout) for model in FAMILY for layout in VWN_LAYOUTS
+] + [(model, layout) for model in FAMILY_MTP for layout in MTP_LAYOUTS]
 
 
 @pytest.fixture(scope="module")

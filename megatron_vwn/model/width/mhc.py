@@ -55,6 +55,7 @@ class MHC(torch.nn.Module):
                  dtype: torch.dtype = torch.float32, device=None):
         super().__init__()
         self.n, self.hidden = n, hidden
+        self.d_b = hidden  # stream width (GHC's segment width with m = 1)
         self.dynamic = dynamic
         self.sinkhorn_iters = sinkhorn_iters
         self.eps = eps
