@@ -73,11 +73,12 @@ class VwnConfig:
     """How the wide state starts. auto: wide for ghc and altup, replicated for hc and mhc.
     wide: a V x D' table (ghc, altup); factorized: a V x D table then D -> D' (ghc, tieable);
     replicated: the D-wide embedding copied n times (hc, mhc; altup: Recycled-AltUp). HC always
-    replicates (wide is accepted as its old spelling); Frac needs no expansion (D' = D)."""
+    replicates (wide is accepted as its old spelling); Frac needs no expansion (D' = D); dynamic
+    altup (Gemma 3n) takes auto only: learned projections of the D-wide embedding."""
     dynamic: bool = True
     """Token-dependent coefficients on top of the static ones; false keeps static A, B only
-    (mhc: mappings from the biases only). altup: true is Gemma 3n's variant (not available yet,
-    so altup needs false)."""
+    (mhc: mappings from the biases only). altup: true is Gemma 3n's router variant (projected
+    streams at entry and exit), false the paper's static predict/correct."""
     group_norm: Literal["auto", "on", "off"] = "auto"
     """GroupNorm (groups of size D) before the reduce; auto: on for integer r, off otherwise."""
     recompute_coefficients: bool = False
@@ -98,6 +99,8 @@ class VwnConfig:
         """wide | factorized | replicated | none (D' = D: nothing to expand)."""
         if self.connection in ("hc", "mhc"):
             return "replicated"
+        if self.connection == "altup" and self.dynamic:
+            return "projected"
         if self.connection == "frac" or (self.connection == "ghc" and self.n == self.m):
             return "none"
         return "wide" if self.embedding == "auto" else self.embedding
@@ -134,10 +137,11 @@ class VwnConfig:
                 f"model.vwn.embedding={self.embedding} does not go with "
                 f"model.vwn.connection={self.connection}; allowed: {', '.join(allowed)}"
             )
-        if self.connection == "altup" and self.dynamic:
+        if self.connection == "altup" and self.dynamic and self.embedding != "auto":
             raise ConfigError(
-                "model.vwn.connection=altup needs model.vwn.dynamic=false (the paper's static "
-                "predict/correct); Gemma 3n's dynamic AltUp is not available yet"
+                f"model.vwn.embedding={self.embedding} does not go with model.vwn.connection="
+                f"altup and model.vwn.dynamic=true (Gemma 3n's streams start as projections of "
+                f"the D-wide embedding); allowed: auto, or model.vwn.dynamic=false"
             )
         if self.group_norm == "on" and self.connection != "ghc":
             raise ConfigError(

@@ -57,7 +57,10 @@ def connection_params_per_layer(vwn: VwnConfig, hidden_size: int) -> int:
     """The width-connection parameters of one layer: two sublayer modules, or AltUp's
     ``K^2 + K`` (predict, correct)."""
     if vwn.connection == "altup":
-        return vwn.n * vwn.n + vwn.n
+        k = vwn.n
+        if vwn.dynamic:  # router norm and weight, C: K -> K^2, c: K -> K
+            return hidden_size + k * hidden_size + k ** 3 + k * k
+        return k * k + k
     if vwn.connection == "mhc":
         return 2 * mhc_params(vwn, hidden_size)
     return 2 * ghc_params(vwn, hidden_size)
@@ -79,6 +82,8 @@ def count_params(model: ModelConfig, vocab_size: int) -> ParamCounts:
             table = wide
         elif embedding == "factorized":
             other += wide * d  # W_expand
+        elif embedding == "projected":  # Gemma 3n: K-1 stream projections in, K-1 out
+            other += 2 * (vwn.n - 1) * d * d
         if vwn.connection == "ghc" and wide > d:
             other += wide * d + (2 * wide if vwn.use_group_norm else 0)  # W_reduce, GroupNorm
     embedding = vocab_size * table + (0 if model.tie_embeddings else vocab_size * d)
@@ -106,9 +111,11 @@ def mhc_flops_per_token(vwn: VwnConfig, hidden_size: int) -> int:
 
 def layer_connection_flops_per_token(vwn: VwnConfig, hidden_size: int) -> int:
     """Forward FLOPs of one layer's width connection per token (AltUp: predict ``2K^2 D``,
-    correct ``3KD``)."""
+    correct ``3KD``; dynamic: two routers, RMSNorm ``4D`` and ``2KD`` each)."""
     if vwn.connection == "altup":
-        return 2 * vwn.n * vwn.n * hidden_size + 3 * vwn.n * hidden_size
+        static = 2 * vwn.n * vwn.n * hidden_size + 3 * vwn.n * hidden_size
+        router = 2 * (4 * hidden_size + 2 * vwn.n * hidden_size) if vwn.dynamic else 0
+        return static + router
     if vwn.connection == "mhc":
         return 2 * mhc_flops_per_token(vwn, hidden_size)
     return 2 * ghc_flops_per_token(vwn, hidden_size)
@@ -123,6 +130,8 @@ def vwn_flops_per_token(model: ModelConfig) -> int:
     wide = virtual_width(vwn, d)
     if vwn.connection == "ghc" and wide > d:
         forward += 2 * wide * d * (2 if vwn.resolved_embedding == "factorized" else 1)
+    if vwn.resolved_embedding == "projected":
+        forward += 2 * 2 * (vwn.n - 1) * d * d
     return 3 * forward
 
 

@@ -278,7 +278,8 @@ def test_shapes_and_embeddings_of_the_new_members(single_process):
                                   ("tiny", "gpt_350m", "gpt_1p3b")
                                   for group, variant in (("mhc", "mhc4"), ("altup", "altup2"),
                                                          ("altup", "altup4"),
-                                                         ("altup", "recycled2"))])
+                                                         ("altup", "recycled2"),
+                                                         ("altup", "altup4_dynamic"))])
 def test_shipped_family_configs_are_valid(name):
     from megatron_vwn.config import validate
 
@@ -328,3 +329,87 @@ def test_moe_mlp_takes_the_same_spec_patch_and_trains_a_step(single_process, vwn
     opt.step()
     after = model(tokens, positions, None, labels=tokens).mean()
     assert torch.isfinite(before) and after < before
+
+
+# Gemma 3n's dynamic AltUp -----------------------------------------------------------------------
+
+DYNAMIC2 = ["model.vwn.connection=altup", "model.vwn.n=2"]
+
+
+@pytest.mark.parametrize("blocks,active", [(2, 0), (3, 1)])
+def test_dynamic_altup_matches_hand_computation(blocks, active):
+    d = 4
+    altup = AltUp(blocks, d, active, dynamic=True, dtype=torch.float64).eval()
+    torch.manual_seed(blocks)
+    with torch.no_grad():
+        altup.router.normal_(0.0, 3.0)
+        altup.router_norm.uniform_(0.5, 1.5)
+        altup.predict_coefs.normal_(0.0, 0.5)
+        altup.correct_coefs.normal_(0.0, 0.5)
+    hidden = torch.randn(2, 1, blocks * d, dtype=torch.float64)
+
+    def layer(x):
+        return x + torch.sin(x)
+
+    x, saved = altup.read(hidden)
+    out = altup.write(layer(x), saved)
+
+    w_r, g_r = altup.router.tolist(), altup.router_norm.tolist()
+    big_c, small_c = altup.predict_coefs.tolist(), altup.correct_coefs.tolist()
+
+    def route(v):
+        rms = math.sqrt(sum(u * u for u in v) / d + altup.eps)
+        normed = [v[k] / rms * g_r[k] / d for k in range(d)]
+        return [math.tanh(sum(w_r[i][k] * normed[k] for k in range(d))) for i in range(blocks)]
+
+    for t in range(2):
+        xs = [hidden[t, 0, j * d:(j + 1) * d].tolist() for j in range(blocks)]
+        r = route(xs[active])
+        coef = [sum(big_c[q][c] * r[c] for c in range(blocks)) for q in range(blocks * blocks)]
+        pred = [[xs[i][k] + sum(coef[i * blocks + j] * xs[j][k] for j in range(blocks))
+                 for k in range(d)] for i in range(blocks)]
+        computed = [v + math.sin(v) for v in pred[active]]  # the layer runs on x^_{j*}
+        r2 = route(computed)
+        gain = [1 + sum(small_c[i][c] * r2[c] for c in range(blocks)) for i in range(blocks)]
+        expected = [pred[i][k] + gain[i] * (computed[k] - pred[active][k])
+                    for i in range(blocks) for k in range(d)]
+        torch.testing.assert_close(out[t, 0], torch.tensor(expected, dtype=torch.float64),
+                                   rtol=1e-12, atol=1e-12)
+
+
+def test_dynamic_altup_clips_its_coefficients_in_training_only():
+    altup = AltUp(2, 4, 0, dynamic=True, dtype=torch.float64)
+    hidden = torch.randn(3, 1, 8, dtype=torch.float64)
+    clipped = AltUp(2, 4, 0, dynamic=True, dtype=torch.float64)
+    with torch.no_grad():
+        altup.router.copy_(clipped.router)
+        altup.predict_coefs.fill_(500.0)
+        clipped.predict_coefs.fill_(120.0)
+    train_out = altup.train().read(hidden)[1]
+    torch.testing.assert_close(train_out, clipped.read(hidden)[1])
+    assert not torch.allclose(altup.eval().read(hidden)[1], train_out)
+
+
+def test_dynamic_altup_block_zero_follows_the_backbone_at_init(single_process):
+    """Gemma's layout (selection=same, block 0 computed by every layer) at init: C = c = 0, so
+    block 0 is the backbone's residual stream whatever the projected streams hold; reading it
+    out (reduce=active) gives the backbone's logits. Streams 1..K-1 start as RMS-matched
+    projections of the embedding."""
+    base = _model()
+    wide = _model(*DYNAMIC2, "model.vwn.altup.selection=same", "model.vwn.altup.reduce=active")
+    _copy_layers(wide, base)
+    tokens, positions = _batch()
+    torch.testing.assert_close(_logits(wide, tokens, positions), _logits(base, tokens, positions),
+                               rtol=1e-5, atol=1e-5)
+    streams = wide.embedding(tokens, positions).reshape(8, 2, 2, -1)
+    rms = streams.square().mean(-1).sqrt()
+    torch.testing.assert_close(rms[..., 1], rms[..., 0], rtol=1e-5, atol=0)
+    assert (streams[..., 1, :] - streams[..., 0, :]).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("vwn", [DYNAMIC2, [*DYNAMIC2, "model.vwn.n=3"]], ids=["k2", "k3"])
+def test_dynamic_altup_param_counts_match_the_built_model(single_process, vwn):
+    cfg = _cfg(*vwn)
+    model = _model(*vwn)
+    assert count_params(cfg.model, VOCAB).total == sum(p.numel() for p in model.parameters())
+    assert model.decoder.final_layernorm.altup_unembed_projections.shape[0] == cfg.model.vwn.n - 1

@@ -31,7 +31,7 @@ class VWNShape:
     hidden: int
     connection: str
     embedding: str
-    """Resolved: wide | factorized | replicated | none."""
+    """Resolved: wide | factorized | replicated | projected (Gemma 3n's AltUp) | none."""
     dynamic: bool
     group_norm: bool
     recompute_coefficients: bool
@@ -104,5 +104,5 @@ class VWNShape:
         """The module around the whole global layer ``layer_index`` (AltUp), same interface."""
         from megatron_vwn.model.width.altup import AltUp
 
-        return AltUp(self.n, self.hidden, self.active_block(layer_index), dtype=dtype,
-                     device=device)
+        return AltUp(self.n, self.hidden, self.active_block(layer_index), dynamic=self.dynamic,
+                     init_std=self.init_std, dtype=dtype, device=device)
