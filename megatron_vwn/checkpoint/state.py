@@ -29,6 +29,8 @@ import torch
 from megatron.core import parallel_state, tensor_parallel
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 
+from megatron_vwn.model.mcore_compat import canonical_checkpoint_keys
+
 FORMAT_VERSION = 1
 DISTOPT_SHARDING = "fully_reshardable"
 
@@ -117,10 +119,11 @@ def model_keys(num_chunks: int) -> list[str]:
 
 
 def model_sharded_state_dict(chunks: list, metadata: dict) -> dict:
-    """The sharded state of every DDP-wrapped chunk (its ``vp_stage`` gives the layer offsets)."""
+    """The sharded state of every DDP-wrapped chunk (its ``vp_stage`` gives the layer offsets),
+    stored under the same keys whatever the Megatron-Core release (``mcore_compat``)."""
     meta = _with_groups(metadata)
     return {
-        key: chunk.module.sharded_state_dict(prefix="", metadata=meta)
+        key: canonical_checkpoint_keys(chunk.module.sharded_state_dict(prefix="", metadata=meta))
         for key, chunk in zip(model_keys(len(chunks)), chunks, strict=True)
     }
 

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 from megatron_vwn.config.schema import ModelConfig
 from megatron_vwn.convert.keymap import FusedGateUp, FusedQKV, Rule, Same, VocabRows
+from megatron_vwn.model.mcore_compat import MTP_INNER_LAYER
 
 GHC_PARAMS = ("static_read", "static_carry", "static_write", "norm_weight", "proj", "scale_a",
               "scale_b")
@@ -70,7 +71,7 @@ def mtp_rules(shape: MapShape) -> list[Rule]:
         Rule("mtp.layers.{k}.enorm.weight", ("mtp.{k}.enorm.weight",)),
         Rule("mtp.layers.{k}.hnorm.weight", ("mtp.{k}.hnorm.weight",)),
         Rule("mtp.layers.{k}.eh_proj.weight", ("mtp.{k}.eh_proj.weight",)),
-        *layer_rules("mtp.layers.{k}.transformer_layer.", "mtp.{k}.layer.", shape, ghc=True),
+        *layer_rules(f"mtp.layers.{{k}}.{MTP_INNER_LAYER}.", "mtp.{k}.layer.", shape, ghc=True),
         *output_norm_rules("mtp.layers.{k}.final_layernorm.", "mtp.{k}.output_norm."),
     ]
 

@@ -9,11 +9,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from megatron.core import parallel_state
-from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_vwn.config.schema import Config
 from megatron_vwn.model.layout import initialize_layout_invariant
+from megatron_vwn.model.mcore_compat import GPTModel
 from megatron_vwn.model.mtp import MTPLossRecorder, chain_wide_states
 from megatron_vwn.model.specs import model_specs, resolve_transformer_impl
 from megatron_vwn.model.width.vwn import VWNShape

@@ -27,13 +27,13 @@ from megatron.core.tensor_parallel import ColumnParallelLinear
 from megatron.core.transformer.multi_token_prediction import (
     MultiTokenPredictionBlockSubmodules,
     MultiTokenPredictionLayer,
-    MultiTokenPredictionLayerSubmodules,
     get_mtp_layer_spec,
     get_mtp_num_layers_to_build,
 )
 from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 from megatron.core.transformer.transformer_config import TransformerConfig
 
+from megatron_vwn.model.mcore_compat import mtp_layer_submodules
 from megatron_vwn.model.norm import RMSNorm
 from megatron_vwn.model.width.vwn import VWNShape, vwn_layer_spec
 from megatron_vwn.model.width.vwn_io import VWNFinalNorm
@@ -65,10 +65,10 @@ class BlockLinear(torch.nn.Module):
 class VWNMultiTokenPredictionLayer(MultiTokenPredictionLayer):
     """Megatron's MTP layer on the wide state (see the module docstring)."""
 
-    def __init__(self, config, submodules, layer_number: int = 1, vp_stage=None,
-                 pg_collection=None, vwn: VWNShape = None):
-        super().__init__(config, submodules, layer_number=layer_number, vp_stage=vp_stage,
-                         pg_collection=pg_collection)
+    def __init__(self, config, submodules, layer_number: int = 1, vwn: VWNShape = None,
+                 **kwargs):
+        # kwargs: what the release's MTP block passes (vp_stage, pg_collection; 0.19 adds more)
+        super().__init__(config, submodules, layer_number=layer_number, **kwargs)
         eps = config.layernorm_epsilon
         self.enorm = build_module(submodules.enorm, config=config, hidden_size=vwn.width, eps=eps)
         self.hnorm = build_module(submodules.hnorm, config=config, hidden_size=vwn.width, eps=eps)
@@ -96,10 +96,10 @@ def mtp_block_spec(config: TransformerConfig, impl: str, layer_spec: ModuleSpec,
     if vwn is not None:
         layer = ModuleSpec(
             module=VWNMultiTokenPredictionLayer,
-            submodules=MultiTokenPredictionLayerSubmodules(
+            submodules=mtp_layer_submodules(
                 enorm=final_norm, hnorm=final_norm,
                 eh_proj=ModuleSpec(module=BlockLinear, params={"vwn": vwn}),
-                transformer_layer=vwn_layer_spec(layer_spec, vwn),
+                layer=vwn_layer_spec(layer_spec, vwn),
                 layer_norm=ModuleSpec(module=VWNFinalNorm,
                                       params={"vwn": vwn, "final_norm": final_norm}),
             ),
@@ -110,9 +110,9 @@ def mtp_block_spec(config: TransformerConfig, impl: str, layer_spec: ModuleSpec,
     else:
         layer = ModuleSpec(
             module=MultiTokenPredictionLayer,
-            submodules=MultiTokenPredictionLayerSubmodules(
+            submodules=mtp_layer_submodules(
                 enorm=RMSNorm, hnorm=RMSNorm, eh_proj=ColumnParallelLinear,
-                transformer_layer=layer_spec, layer_norm=RMSNorm,
+                layer=layer_spec, layer_norm=RMSNorm,
             ),
         )
     return MultiTokenPredictionBlockSubmodules(layer_specs=[layer] * count)

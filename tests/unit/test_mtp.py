@@ -15,6 +15,7 @@ from megatron.core.transformer.multi_token_prediction import MTPLossLoggingHelpe
 
 from megatron_vwn.config import load_config
 from megatron_vwn.model.builder import build_model, build_transformer_config
+from megatron_vwn.model.mcore_compat import MTP_INNER_LAYER
 from megatron_vwn.model.mtp import BlockLinear, VWNMultiTokenPredictionLayer
 from megatron_vwn.training.step import loss_func, mtp_loss_mask
 
@@ -132,6 +133,6 @@ def test_vwn_mtp_heads_are_wide_and_get_gradients(single_process, depths):
     loss.sum().backward()
     for layer in layers:
         assert layer.eh_proj.weight.grad.abs().sum() > 0
-        ghc = layer.transformer_layer.attention_ghc
+        ghc = getattr(layer, MTP_INNER_LAYER).attention_ghc
         assert ghc.proj.grad.abs().sum() > 0 and ghc.static_carry.grad.abs().sum() > 0
     assert len(model.compute_language_model_loss.take()) == depths

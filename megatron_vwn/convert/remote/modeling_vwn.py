@@ -34,10 +34,19 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
 from transformers.cache_utils import Cache, DynamicCache
-from transformers.modeling_outputs import CausalLMOutputWithPast
-from transformers.utils import ModelOutput
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
 from .configuration_vwn import VWNConfig
+
+# transformers 5.24 renamed the outputs' and ``forward``'s ``past_key_values`` to ``cache``
+# (``generate()`` passes ``cache=``); the old name is what 5.23 and earlier use.
+CACHE_KEY = ("cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__
+             else "past_key_values")
+
+
+def _cache_argument(cache: Cache | None, past_key_values: Cache | None) -> Cache | None:
+    """The KV cache under either name (``cache`` from 5.24 on, ``past_key_values`` before)."""
+    return cache if cache is not None else past_key_values
 
 
 class VWNRMSNorm(nn.Module):
@@ -258,13 +267,12 @@ class VWNEmbedding(nn.Module):
 
 
 @dataclass
-class VWNModelOutput(ModelOutput):
-    """``last_hidden_state`` ``[b, s, D]`` (after the output norm), ``wide_hidden_state``
-    ``[b, s, D']`` (the residual stream before it), ``past_key_values``."""
+class VWNModelOutput(BaseModelOutputWithPast):
+    """``last_hidden_state`` ``[b, s, D]`` (after the output norm), the KV cache (field
+    ``CACHE_KEY``) and ``wide_hidden_state`` ``[b, s, D']`` (the residual stream before the
+    norm)."""
 
-    last_hidden_state: torch.Tensor | None = None
     wide_hidden_state: torch.Tensor | None = None
-    past_key_values: Cache | None = None
 
 
 class VWNPreTrainedModel(PreTrainedModel):
@@ -272,7 +280,7 @@ class VWNPreTrainedModel(PreTrainedModel):
     base_model_prefix = "model"
     supports_gradient_checkpointing = False
     _no_split_modules = ["VWNDecoderLayer"]
-    _skip_keys_device_placement = ["past_key_values"]
+    _skip_keys_device_placement = [CACHE_KEY]
 
     @torch.no_grad()
     def _init_weights(self, module):
@@ -343,15 +351,16 @@ class VWNModel(VWNPreTrainedModel):
             return positions[:, past:past + s]
         return (past + torch.arange(s, device=input_ids.device)).unsqueeze(0).expand(b, -1)
 
-    def forward(self, input_ids=None, attention_mask=None, position_ids=None,
-                past_key_values=None, inputs_embeds=None, use_cache=None, **kwargs):
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache=None,
+                inputs_embeds=None, use_cache=None, past_key_values=None, **kwargs):
         if inputs_embeds is None:
             inputs_embeds = self.embedding(input_ids)
         b, s = inputs_embeds.shape[:2]
         use_cache = self.config.use_cache if use_cache is None else use_cache
-        if use_cache and past_key_values is None:
-            past_key_values = DynamicCache(config=self.config)
-        cache = past_key_values if use_cache else None
+        cache = _cache_argument(cache, past_key_values)
+        if use_cache and cache is None:
+            cache = DynamicCache(config=self.config)
+        cache = cache if use_cache else None
         past = cache.get_seq_length() if cache is not None else 0
         ids = input_ids if input_ids is not None else torch.zeros(
             b, s, dtype=torch.long, device=inputs_embeds.device)
@@ -362,7 +371,7 @@ class VWNModel(VWNPreTrainedModel):
         for layer in self.layers:
             hidden = layer(hidden, cos, sin, mask, cache)
         return VWNModelOutput(last_hidden_state=self.output_norm(hidden),
-                              wide_hidden_state=hidden, past_key_values=cache)
+                              wide_hidden_state=hidden, **{CACHE_KEY: cache})
 
 
 class VWNMTPLayer(nn.Module):
@@ -430,11 +439,11 @@ class VWNForCausalLM(VWNPreTrainedModel, GenerationMixin):
     def set_output_embeddings(self, value):
         self.lm_head = value
 
-    def forward(self, input_ids=None, attention_mask=None, position_ids=None,
-                past_key_values=None, inputs_embeds=None, labels=None, use_cache=None,
-                logits_to_keep: int = 0, **kwargs) -> CausalLMOutputWithPast:
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache=None,
+                inputs_embeds=None, labels=None, use_cache=None, logits_to_keep: int = 0,
+                past_key_values=None, **kwargs) -> CausalLMOutputWithPast:
         out = self.model(input_ids=input_ids, attention_mask=attention_mask,
-                         position_ids=position_ids, past_key_values=past_key_values,
+                         position_ids=position_ids, cache=_cache_argument(cache, past_key_values),
                          inputs_embeds=inputs_embeds, use_cache=use_cache)
         hidden = out.last_hidden_state
         if isinstance(logits_to_keep, int) and logits_to_keep > 0:
@@ -445,7 +454,7 @@ class VWNForCausalLM(VWNPreTrainedModel, GenerationMixin):
             loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
                                    labels[:, 1:].reshape(-1), ignore_index=-100)
         return CausalLMOutputWithPast(loss=loss, logits=logits,
-                                      past_key_values=out.past_key_values)
+                                      **{CACHE_KEY: getattr(out, CACHE_KEY)})
 
     def mtp_logits(self, input_ids: torch.Tensor,
                    attention_mask: torch.Tensor | None = None) -> list[torch.Tensor]:

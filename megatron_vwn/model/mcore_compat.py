@@ -1,0 +1,75 @@
+"""What differs between the Megatron-Core releases megatron-vwn supports (0.16.1 to 0.19.2).
+
+Every version difference lives here, found by feature (a field, a signature), not by version
+number, so a release in between or after works where its API does:
+
+* ``GPTModel``: 0.19 deprecates it in favour of ``HybridModel``, whose stack splits attention
+  and MLP into separate layers (``"*-*-"`` patterns) with other parameter names. VWN wraps both
+  sublayers of one ``TransformerLayer`` (and checkpoints name them so), so we stay on
+  ``GPTModel``, which 0.19 still ships and fixes; this is the one import of it.
+* MTP layer submodules: 0.19 renamed ``transformer_layer`` to ``mtp_model_layer`` (the field and
+  the module attribute). :func:`mtp_layer_submodules` builds either; checkpoints always use the
+  0.16 name (:func:`canonical_checkpoint_keys`), so a run saved under one release resumes,
+  reshards and converts under the other.
+* ``TransformerLayer._forward_attention`` / ``_forward_mlp`` (private, no public equivalent in
+  0.19): ``VWNTransformerLayer`` calls them with the keywords of :data:`LAYER_FORWARD_KEYWORDS`,
+  which both releases accept; ``tests/unit/test_mcore_compat.py`` checks the signatures so an
+  upstream change fails there, not deep inside a training step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+
+from megatron.core.models.gpt import GPTModel
+from megatron.core.transformer.multi_token_prediction import MultiTokenPredictionLayerSubmodules
+
+__all__ = ["GPTModel", "MTP_INNER_LAYER", "LAYER_FORWARD_KEYWORDS", "mtp_layer_submodules",
+           "canonical_checkpoint_keys"]
+
+_MTP_FIELDS = {f.name for f in dataclasses.fields(MultiTokenPredictionLayerSubmodules)}
+MTP_INNER_LAYER = "mtp_model_layer" if "mtp_model_layer" in _MTP_FIELDS else "transformer_layer"
+"""Attribute (and submodule field) of an MTP layer that holds its transformer layer."""
+
+CANONICAL_MTP_INNER_LAYER = "transformer_layer"
+"""The name checkpoints use for it, whatever the release (0.16's)."""
+
+LAYER_FORWARD_KEYWORDS = {
+    "_forward_attention": ("attention_mask", "rotary_pos_emb", "inference_context",
+                           "packed_seq_params", "padding_mask"),
+    "_forward_mlp": ("inference_context", "padding_mask"),
+}
+"""Keywords ``VWNTransformerLayer`` passes to the stock layer's forward pieces."""
+
+
+def mtp_layer_submodules(*, enorm, hnorm, eh_proj, layer, layer_norm):
+    """``MultiTokenPredictionLayerSubmodules`` with ``layer`` as its transformer layer."""
+    return MultiTokenPredictionLayerSubmodules(enorm=enorm, hnorm=hnorm, eh_proj=eh_proj,
+                                               layer_norm=layer_norm, **{MTP_INNER_LAYER: layer})
+
+
+_INNER_KEY = re.compile(rf"^(.*mtp\.layers\.\d+\.){MTP_INNER_LAYER}\.")
+
+
+def canonical_checkpoint_keys(sharded_state_dict: dict) -> dict:
+    """Rename, in place, the checkpoint keys of MTP inner layers to the canonical name.
+
+    Only the keys the tensors are stored under change (``ShardedTensor.key`` and friends); the
+    dictionary keys, which ``load_state_dict`` matches to module attributes, stay as they are.
+    A no-op on releases that already use the canonical name.
+    """
+    if MTP_INNER_LAYER == CANONICAL_MTP_INNER_LAYER:
+        return sharded_state_dict
+    from megatron.core.dist_checkpointing.dict_utils import dict_list_map_inplace
+
+    replacement = rf"\g<1>{CANONICAL_MTP_INNER_LAYER}."
+
+    def rename(item):
+        key = getattr(item, "key", None)
+        if isinstance(key, str):
+            item.key = _INNER_KEY.sub(replacement, key)
+        return item
+
+    dict_list_map_inplace(rename, sharded_state_dict)
+    return sharded_state_dict

@@ -1,0 +1,71 @@
+"""The Megatron-Core version layer: the installed release offers what ``mcore_compat`` says.
+
+These run on whichever release is installed (0.16.1 on the locked set, 0.19.2 on CI's newest
+leg), so an upstream rename fails here with its name instead of inside a training step.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import pytest
+import torch
+from megatron.core.dist_checkpointing.mapping import ShardedTensor
+from megatron.core.transformer.multi_token_prediction import MultiTokenPredictionLayer
+from megatron.core.transformer.transformer_layer import TransformerLayer
+
+from megatron_vwn.model import mcore_compat
+from megatron_vwn.model.mcore_compat import (
+    CANONICAL_MTP_INNER_LAYER,
+    LAYER_FORWARD_KEYWORDS,
+    MTP_INNER_LAYER,
+    canonical_checkpoint_keys,
+    mtp_layer_submodules,
+)
+
+
+@pytest.mark.parametrize("method", sorted(LAYER_FORWARD_KEYWORDS))
+def test_layer_forward_pieces_take_the_keywords_we_pass(method):
+    parameters = inspect.signature(getattr(TransformerLayer, method)).parameters
+    assert "hidden_states" in parameters
+    missing = [k for k in LAYER_FORWARD_KEYWORDS[method] if k not in parameters]
+    assert not missing, f"TransformerLayer.{method} no longer takes {missing}"
+
+
+def test_stock_layer_forward_is_built_from_the_pieces():
+    # VWNTransformerLayer.forward replaces the stock forward by the same two calls around GHC.
+    source = inspect.getsource(TransformerLayer.forward)
+    assert "self._forward_attention(" in source and "self._forward_mlp(" in source
+
+
+def test_mtp_submodules_name_the_inner_layer():
+    submodules = mtp_layer_submodules(enorm="e", hnorm="h", eh_proj="p", layer="L",
+                                      layer_norm="n")
+    assert getattr(submodules, MTP_INNER_LAYER) == "L"
+    assert (submodules.enorm, submodules.hnorm, submodules.eh_proj, submodules.layer_norm) == (
+        "e", "h", "p", "n")
+    # The layer keeps it under the same attribute name.
+    assert MTP_INNER_LAYER in inspect.getsource(MultiTokenPredictionLayer.__init__)
+
+
+def _sharded(key: str) -> ShardedTensor:
+    return ShardedTensor.from_rank_offsets(key, torch.zeros(2))
+
+
+def test_checkpoint_keys_use_the_canonical_inner_layer_name():
+    inner = f"mtp.layers.1.{MTP_INNER_LAYER}.mlp.linear_fc1.weight"
+    state = {"model": {inner: _sharded(inner),
+                       "decoder.layers.0.mlp.linear_fc1.weight":
+                           _sharded("decoder.layers.0.mlp.linear_fc1.weight")}}
+    canonical_checkpoint_keys(state)
+    assert state["model"][inner].key == (
+        f"mtp.layers.1.{CANONICAL_MTP_INNER_LAYER}.mlp.linear_fc1.weight")
+    assert list(state["model"]) == [inner, "decoder.layers.0.mlp.linear_fc1.weight"]
+    assert state["model"]["decoder.layers.0.mlp.linear_fc1.weight"].key == (
+        "decoder.layers.0.mlp.linear_fc1.weight")
+
+
+def test_gpt_model_is_megatron_cores():
+    from megatron.core.models.gpt import GPTModel
+
+    assert mcore_compat.GPTModel is GPTModel
