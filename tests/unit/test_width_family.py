@@ -413,3 +413,16 @@ def test_dynamic_altup_param_counts_match_the_built_model(single_process, vwn):
     model = _model(*vwn)
     assert count_params(cfg.model, VOCAB).total == sum(p.numel() for p in model.parameters())
     assert model.decoder.final_layernorm.altup_unembed_projections.shape[0] == cfg.model.vwn.n - 1
+
+
+def test_embedding_auto_resolves_per_member_and_old_spellings_keep_their_meaning():
+    from megatron_vwn.config.schema import VwnConfig
+
+    assert VwnConfig(m=2, n=4).resolved_embedding == "wide"  # ghc: auto is the old default
+    assert VwnConfig(m=2, n=4, embedding="wide").resolved_embedding == "wide"
+    assert VwnConfig(m=2, n=2).resolved_embedding == "none"
+    # HC replicated its embedding whatever the key said; old resolved configs say "wide".
+    assert VwnConfig(connection="hc", n=4, embedding="wide").resolved_embedding == "replicated"
+    assert VwnConfig(connection="mhc", n=4).resolved_embedding == "replicated"
+    assert VwnConfig(connection="altup", n=2, dynamic=False).resolved_embedding == "wide"
+    assert VwnConfig(connection="altup", n=2).resolved_embedding == "projected"
