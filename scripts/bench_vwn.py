@@ -36,6 +36,9 @@ VARIANTS = {
     "8x (8,64)": ["model.vwn.m=8", "model.vwn.n=64"],
     "8x (8,64) recompute": ["model.vwn.m=8", "model.vwn.n=64",
                             "model.vwn.recompute_coefficients=true"],
+    "mHC n=4": ["model.vwn.connection=mhc", "model.vwn.n=4"],
+    "mHC n=4 recompute": ["model.vwn.connection=mhc", "model.vwn.n=4",
+                          "model.vwn.recompute_coefficients=true"],
 }
 
 

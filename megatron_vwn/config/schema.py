@@ -26,55 +26,127 @@ def _positive(key: str, value: float | None, allow_zero: bool = False) -> None:
 
 
 @dataclass
+class MhcConfig:
+    """Manifold-constrained hyper-connections (``model.vwn.connection=mhc``; docs/width_family.md,
+    METHODS.md 2.1)."""
+
+    sinkhorn_iters: int = 20
+    """Sinkhorn-Knopp iterations (row then column normalisation each) for ``H_res``."""
+    gate_init: float = 0.01
+    """Initial value of the three learnable scalar gates alpha (pre, post, res)."""
+    identity_bias: float = 0.0
+    """Initial ``b_res`` on the diagonal (0 off it). 0 starts ``H_res`` at the uniform matrix
+    1/n; a large value near the identity, where 20 Sinkhorn iterations converge slowly (rows
+    off by about 3e-4 at 4; docs/width_family.md)."""
+    reduce: Literal["mean", "sum"] = "mean"
+    """How the n streams become the D-wide input of the final norm."""
+
+
+@dataclass
+class AltUpConfig:
+    """Alternating updates (``model.vwn.connection=altup``; docs/width_family.md, METHODS.md 3)."""
+
+    selection: Literal["alternating", "same"] = "alternating"
+    """Which block a layer computes: ``layer mod K`` (alternating) or always block 0 (same)."""
+    reduce: Literal["sum", "mean", "active"] = "sum"
+    """How the K blocks become the D-wide input of the final norm: their sum, their mean, or
+    the block the last layer computed."""
+
+
+@dataclass
 class VwnConfig:
-    """Virtual width (docs/vwn.md, METHODS.md sections 1-2).
+    """Virtual width and its family (docs/vwn.md, docs/width_family.md, METHODS.md 1-3).
 
     ``m`` fraction rate, ``n`` expanded slots: segment width ``d_b = D / m``, virtual width
     ``D' = n * d_b``, factor ``r = n / m``. ``m = n = 1`` is the backbone, built as the stock
     model. ``connection`` picks the family member: ``ghc`` (VWN's generalized hyper-connections),
-    ``hc`` (hyper-connections: ``m = 1``, ``n`` replicated streams) or ``frac``
-    (frac-connections: ``n = m``, the width split into fractions).
+    ``hc`` (hyper-connections: ``m = 1``, ``n`` replicated streams), ``frac``
+    (frac-connections: ``n = m``, the width split into fractions), ``mhc`` (manifold-constrained
+    hyper-connections: ``m = 1``, ``n`` streams) or ``altup`` (alternating updates: ``m = 1``,
+    ``n = K`` blocks, the whole layer computed on one block).
     """
 
     m: int = 1
     n: int = 1
-    connection: Literal["ghc", "hc", "frac"] = "ghc"
-    embedding: Literal["wide", "factorized"] = "wide"
-    """ghc only: a V x D' table (wide) or a V x D table then D -> D' (factorized, tieable).
-    HC replicates the D-wide embedding n times; Frac needs no expansion (D' = D)."""
+    connection: Literal["ghc", "hc", "frac", "mhc", "altup"] = "ghc"
+    embedding: Literal["auto", "wide", "factorized", "replicated"] = "auto"
+    """How the wide state starts. auto: wide for ghc and altup, replicated for hc and mhc.
+    wide: a V x D' table (ghc, altup); factorized: a V x D table then D -> D' (ghc, tieable);
+    replicated: the D-wide embedding copied n times (hc, mhc; altup: Recycled-AltUp). HC always
+    replicates (wide is accepted as its old spelling); Frac needs no expansion (D' = D); dynamic
+    altup (Gemma 3n) takes auto only: learned projections of the D-wide embedding."""
     dynamic: bool = True
-    """Token-dependent coefficients on top of the static ones; false keeps static A, B only."""
+    """Token-dependent coefficients on top of the static ones; false keeps static A, B only
+    (mhc: mappings from the biases only). altup: true is Gemma 3n's router variant (projected
+    streams at entry and exit), false the paper's static predict/correct."""
     group_norm: Literal["auto", "on", "off"] = "auto"
     """GroupNorm (groups of size D) before the reduce; auto: on for integer r, off otherwise."""
     recompute_coefficients: bool = False
-    """Recompute the coefficient path (norm, GEMM, tanh) in backward instead of storing it."""
+    """Recompute the coefficient path (norm, GEMM, tanh) in backward instead of storing it
+    (mhc: the mappings H_pre, H_post, H_res, Sinkhorn included)."""
     output_init_scale: float | None = None
     """Multiplier on the init std of each sublayer's output projection; None: the preset's
     (1/sqrt(n) for hc, whose summed streams would otherwise grow the output n-fold; 1 otherwise)."""
+    mhc: MhcConfig = field(default_factory=MhcConfig)
+    altup: AltUpConfig = field(default_factory=AltUpConfig)
 
     @property
     def enabled(self) -> bool:
         return not (self.m == 1 and self.n == 1 and self.connection == "ghc")
 
+    @property
+    def resolved_embedding(self) -> str:
+        """wide | factorized | replicated | none (D' = D: nothing to expand)."""
+        if self.connection in ("hc", "mhc"):
+            return "replicated"
+        if self.connection == "altup" and self.dynamic:
+            return "projected"
+        if self.connection == "frac" or (self.connection == "ghc" and self.n == self.m):
+            return "none"
+        return "wide" if self.embedding == "auto" else self.embedding
+
     def validate(self, hidden_size: int) -> None:
         _positive("model.vwn.m", self.m)
         _positive("model.vwn.n", self.n)
         _positive("model.vwn.output_init_scale", self.output_init_scale)
+        _positive("model.vwn.mhc.sinkhorn_iters", self.mhc.sinkhorn_iters)
+        _positive("model.vwn.mhc.gate_init", self.mhc.gate_init, allow_zero=True)
         if self.n < self.m:
             raise ConfigError(f"model.vwn.n ({self.n}) must be >= model.vwn.m ({self.m})")
         if hidden_size % self.m:
             raise ConfigError(
                 f"model.vwn.m ({self.m}) must divide model.hidden_size ({hidden_size})"
             )
-        if self.connection == "hc" and self.m != 1:
+        if self.connection in ("hc", "mhc", "altup") and self.m != 1:
+            what = "K, the number of blocks" if self.connection == "altup" \
+                else "the number of streams"
             raise ConfigError(
-                f"model.vwn.connection=hc needs model.vwn.m = 1 (got {self.m}); "
-                f"n is the number of streams"
+                f"model.vwn.connection={self.connection} needs model.vwn.m = 1 (got {self.m}); "
+                f"n is {what}"
             )
         if self.connection == "frac" and self.n != self.m:
             raise ConfigError(
                 f"model.vwn.connection=frac needs model.vwn.n = model.vwn.m (got m={self.m}, "
                 f"n={self.n}); use connection=ghc for n > m"
+            )
+        allowed = {"ghc": ("auto", "wide", "factorized"), "hc": ("auto", "wide", "replicated"),
+                   "frac": ("auto", "wide", "factorized"), "mhc": ("auto", "replicated"),
+                   "altup": ("auto", "wide", "replicated")}[self.connection]
+        if self.embedding not in allowed:
+            raise ConfigError(
+                f"model.vwn.embedding={self.embedding} does not go with "
+                f"model.vwn.connection={self.connection}; allowed: {', '.join(allowed)}"
+            )
+        if self.connection == "altup" and self.dynamic and self.embedding != "auto":
+            raise ConfigError(
+                f"model.vwn.embedding={self.embedding} does not go with model.vwn.connection="
+                f"altup and model.vwn.dynamic=true (Gemma 3n's streams start as projections of "
+                f"the D-wide embedding); allowed: auto, or model.vwn.dynamic=false"
+            )
+        if self.group_norm == "on" and self.connection != "ghc":
+            raise ConfigError(
+                f"model.vwn.group_norm=on applies to model.vwn.connection=ghc only (got "
+                f"{self.connection}); allowed here: auto, off"
             )
         if self.group_norm == "on" and self.n % self.m:
             raise ConfigError(
@@ -156,12 +228,12 @@ class ModelConfig:
             )
         self.vwn.validate(self.hidden_size)
         self.mtp.validate()
-        if self.tie_embeddings and self.vwn.enabled and self.vwn.connection == "ghc" \
-                and self.vwn.embedding == "wide" and self.vwn.n != self.vwn.m:
+        if self.tie_embeddings and self.vwn.enabled and self.vwn.resolved_embedding == "wide":
+            other = "replicated" if self.vwn.connection == "altup" else "factorized"
             raise ConfigError(
                 "model.tie_embeddings=true cannot tie the V x D' table of "
                 "model.vwn.embedding=wide to the V x D output layer; use "
-                "model.vwn.embedding=factorized or model.tie_embeddings=false"
+                f"model.vwn.embedding={other} or model.tie_embeddings=false"
             )
         groups = self.query_groups
         if self.num_attention_heads % groups:

@@ -48,6 +48,14 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
             "the embedding kept in sync, which Megatron-Core does for the table only, not for "
             "W_expand: use model.vwn.embedding=wide or parallel.pipeline=1"
         )
+    if (model.mtp.num_layers and par.pipeline > 1 and vwn.enabled
+            and vwn.resolved_embedding == "projected"):
+        raise ConfigError(
+            "model.mtp.num_layers > 0 with parallel.pipeline > 1 needs the MTP stage's copy of "
+            "the embedding kept in sync, which Megatron-Core does for the table only, not for "
+            "dynamic AltUp's stream projections: use model.vwn.dynamic=false or "
+            "parallel.pipeline=1"
+        )
     stages = par.pipeline * par.vpp
     if model.num_layers % stages:
         raise ConfigError(

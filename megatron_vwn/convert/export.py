@@ -26,6 +26,7 @@ from megatron_vwn.convert.keymap import to_hf
 from megatron_vwn.convert.maps import MapShape, llama_rules, vwn_rules
 from megatron_vwn.convert.megatron_io import LoadedModel, load_checkpoint, read_saved_run
 from megatron_vwn.convert.safetensors_io import DEFAULT_MAX_SHARD_BYTES, save_sharded
+from megatron_vwn.model.mcore_compat import MTP_INNER_LAYER
 
 logger = logging.getLogger(__name__)
 
@@ -101,7 +102,12 @@ def vwn_config(loaded: LoadedModel, dtype: str, token_ids: dict):
 
     model = loaded.cfg.model
     vwn = model.vwn
-    ghc = getattr(loaded.model.decoder.layers[0], "attention_ghc", None)
+    first = loaded.model.decoder.layers[0]
+    ghc = getattr(first, "attention_ghc", None)
+    connection = ghc if ghc is not None else getattr(first, "altup", None)
+    shape = loaded.model.decoder.final_layernorm.vwn if vwn.enabled else None
+    mtp = getattr(loaded.model, "mtp", None)
+    mtp_layers = [getattr(layer, MTP_INNER_LAYER) for layer in mtp.layers] if mtp else []
     config = VWNConfig(
         vocab_size=loaded.vocab_size, hidden_size=model.hidden_size,
         intermediate_size=model.ffn_size, num_hidden_layers=model.num_layers,
@@ -112,11 +118,17 @@ def vwn_config(loaded: LoadedModel, dtype: str, token_ids: dict):
         tie_word_embeddings=model.tie_embeddings,
         vwn_connection=vwn.connection if vwn.enabled else "none",
         vwn_m=vwn.m if vwn.enabled else 1, vwn_n=vwn.n if vwn.enabled else 1,
-        vwn_embedding=vwn.embedding, vwn_dynamic=vwn.dynamic,
+        vwn_embedding=vwn.resolved_embedding, vwn_dynamic=vwn.dynamic,
         vwn_group_norm=vwn.use_group_norm,
-        vwn_tau=float(ghc.tau) if ghc is not None else 1.0,
+        vwn_tau=float(getattr(ghc, "tau", 1.0)),
         vwn_scalar_scales=vwn.connection == "hc",
-        ghc_norm_eps=float(ghc.eps) if ghc is not None else 1e-6,
+        ghc_norm_eps=float(connection.eps) if connection is not None else 1e-6,
+        vwn_reduce=shape.reduce if shape is not None else "none",
+        mhc_sinkhorn_iters=vwn.mhc.sinkhorn_iters,
+        altup_active=[layer.altup.active for layer in loaded.model.decoder.layers
+                      if hasattr(layer, "altup")],
+        altup_mtp_active=[layer.altup.active for layer in mtp_layers if hasattr(layer, "altup")],
+        altup_exit_block=shape.active_block(shape.num_layers - 1) if shape is not None else 0,
         num_mtp_layers=model.mtp.num_layers,
         architectures=["VWNForCausalLM"], dtype=str(DTYPES[dtype]).replace("torch.", ""),
         **token_ids,

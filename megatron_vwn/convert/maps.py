@@ -15,6 +15,9 @@ from megatron_vwn.model.mcore_compat import MTP_INNER_LAYER
 
 GHC_PARAMS = ("static_read", "static_carry", "static_write", "norm_weight", "proj", "scale_a",
               "scale_b")
+MHC_PARAMS = ("bias", "gate")  # beside norm_weight and proj, in the same sublayer slots
+ALTUP_PARAMS = ("predict_delta", "correct_delta", "router_norm", "router", "predict_coefs",
+                "correct_coefs")
 
 
 @dataclass(frozen=True)
@@ -50,7 +53,9 @@ def layer_rules(megatron: str, hf: str, shape: MapShape, ghc: bool) -> list[Rule
     ]
     if ghc:
         for ours, theirs in (("attention_ghc", "attn_ghc"), ("mlp_ghc", "mlp_ghc")):
-            rules += [Rule(f"{megatron}{ours}.{p}", (f"{hf}{theirs}.{p}",)) for p in GHC_PARAMS]
+            rules += [Rule(f"{megatron}{ours}.{p}", (f"{hf}{theirs}.{p}",))
+                      for p in (*GHC_PARAMS, *MHC_PARAMS)]
+        rules += [Rule(f"{megatron}altup.{p}", (f"{hf}altup.{p}",)) for p in ALTUP_PARAMS]
     return rules
 
 
@@ -62,6 +67,7 @@ def output_norm_rules(megatron: str, hf: str) -> list[Rule]:
         Rule(f"{megatron}group_norm.weight", (f"{hf}group_norm.weight",)),
         Rule(f"{megatron}group_norm.bias", (f"{hf}group_norm.bias",)),
         Rule(f"{megatron}reduce.weight", (f"{hf}reduce.weight",)),
+        Rule(f"{megatron}altup_unembed_projections", (f"{hf}altup_unembed_projections",)),
     ]
 
 
@@ -89,12 +95,13 @@ def llama_rules(shape: MapShape) -> list[Rule]:
 
 
 def vwn_rules(shape: MapShape) -> list[Rule]:
-    """VWN / HC / Frac models (and the backbone as ``vwn_connection=none``) ->
+    """VWN / HC / Frac / mHC / AltUp models (and the backbone as ``vwn_connection=none``) ->
     ``VWNForCausalLM``."""
     vocab = VocabRows(shape.vocab, shape.padded_vocab)
     return [
         Rule("embedding.word_embeddings.weight", ("model.embedding.embed_tokens.weight",), vocab),
         Rule("embedding.expand", ("model.embedding.expand.weight",)),
+        Rule("embedding.altup_projections", ("model.embedding.altup_projections",)),
         *layer_rules("decoder.layers.{i}.", "model.layers.{i}.", shape, ghc=True),
         *output_norm_rules("decoder.final_layernorm.", "model.output_norm."),
         Rule("output_layer.weight", ("lm_head.weight",), vocab),

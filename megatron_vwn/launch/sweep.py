@@ -11,6 +11,12 @@ Widths map to VWN's fraction rate ``m`` and expansion ``n`` as in the paper's sw
 8x: ``n`` = 16, 32, 64) and a fraction takes the smallest ``m`` that makes ``n = m r`` whole
 (1.5x: ``m = 2, n = 3``).
 
+A config whose ``model.vwn.connection`` is ``mhc`` or ``altup`` sweeps that family member
+instead (docs/width_family.md): width ``r`` (a whole number) is ``m = 1, n = r`` streams or
+blocks of width ``D`` with the config's connection, so ``--widths 1,2,4`` on
+``altup/tiny_altup2`` runs AltUp K = 1, 2, 4 (``1`` is then the member with a single block or
+stream, not the plain backbone).
+
 Naming, for a sweep called ``NAME`` (default: the config's name) and width tag ``xR`` (``x1``,
 ``x1p5``, ``x2``): run ``NAME-xR`` is the job name, ``run.name`` and the log name, its run
 directory ``RUNS_DIR/NAME/xR``; ``RUNS_DIR/NAME/sweep.json`` records the plan and the job ids.
@@ -40,6 +46,8 @@ DEFAULT_RUNS_DIR = "runs/sweeps"
 MANIFEST = "sweep.json"
 # The keys a sweep sets per run; user overrides may not touch them.
 RESERVED = ("model.vwn.m", "model.vwn.n", "model.vwn.connection", "run.dir", "run.name")
+# Members swept by their number of D-wide streams (mhc) or blocks (altup): r -> (m, n) = (1, r).
+STREAM_CONNECTIONS = ("mhc", "altup")
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
@@ -55,6 +63,14 @@ def width_to_vwn(width: float) -> tuple[int, int]:
     if ratio.denominator == 1:
         return 8, 8 * ratio.numerator
     return ratio.denominator, ratio.numerator
+
+
+def width_to_streams(width: float, connection: str) -> tuple[int, int]:
+    """Width ``r`` of a stream member (mHC streams, AltUp blocks) -> (m, n) = (1, r)."""
+    if not math.isfinite(width) or width < 1 or width != int(width):
+        raise ConfigError(f"sweep width {width:g} of model.vwn.connection={connection} must be "
+                          f"a whole number >= 1 (the number of D-wide streams or blocks)")
+    return 1, int(width)
 
 
 def width_tag(width: float) -> str:
@@ -169,14 +185,21 @@ def plan_sweep(spec: SweepSpec, world_size: int | None = None) -> list[SweepRun]
         if key in RESERVED:
             raise ConfigError(f"{key} is set by the sweep for every width; use --widths, "
                               f"--name or --runs-dir instead of overriding it")
+    connection = load_config(spec.config, spec.overrides).model.vwn.connection
+    if connection not in STREAM_CONNECTIONS:
+        connection = "ghc"
     runs, shared = [], None
     for width in spec.widths:
-        m, n = width_to_vwn(width)
+        if connection == "ghc":
+            m, n = width_to_vwn(width)
+        else:
+            m, n = width_to_streams(width, connection)
         tag = width_tag(width)
         name = f"{spec.sweep_name}-{tag}"
         run_dir = str(Path(spec.runs_dir) / spec.sweep_name / tag)
-        args = [spec.config, *spec.overrides, "model.vwn.connection=ghc", f"model.vwn.m={m}",
-                f"model.vwn.n={n}", f"run.dir={run_dir}", f"run.name={name}"]
+        args = [spec.config, *spec.overrides, f"model.vwn.connection={connection}",
+                f"model.vwn.m={m}", f"model.vwn.n={n}", f"run.dir={run_dir}",
+                f"run.name={name}"]
         try:
             cfg = load_config(args[0], args[1:])
             validate(cfg, world_size)

@@ -43,6 +43,29 @@ def ghc_params(vwn: VwnConfig, hidden_size: int) -> int:
     return static + scales + d_b * (2 * m + n) + d_b
 
 
+def mhc_params(vwn: VwnConfig, hidden_size: int) -> int:
+    """One mHC module (METHODS.md 2.1): biases ``2n + n^2``; dynamic: ``phi`` ``nD(2n + n^2)``,
+    the norm gain ``nD`` and three gates."""
+    n = vwn.n
+    outputs = 2 * n + n * n
+    if not vwn.dynamic:
+        return outputs
+    return outputs + n * hidden_size * (outputs + 1) + 3
+
+
+def connection_params_per_layer(vwn: VwnConfig, hidden_size: int) -> int:
+    """The width-connection parameters of one layer: two sublayer modules, or AltUp's
+    ``K^2 + K`` (predict, correct)."""
+    if vwn.connection == "altup":
+        k = vwn.n
+        if vwn.dynamic:  # router norm and weight, C: K -> K^2, c: K -> K
+            return hidden_size + k * hidden_size + k ** 3 + k * k
+        return k * k + k
+    if vwn.connection == "mhc":
+        return 2 * mhc_params(vwn, hidden_size)
+    return 2 * ghc_params(vwn, hidden_size)
+
+
 def virtual_width(vwn: VwnConfig, hidden_size: int) -> int:
     return vwn.n * (hidden_size // vwn.m)
 
@@ -53,12 +76,15 @@ def count_params(model: ModelConfig, vocab_size: int) -> ParamCounts:
     other = 0
     if vwn.enabled:
         wide = virtual_width(vwn, d)
-        other = 2 * model.num_layers * ghc_params(vwn, d)
+        other = model.num_layers * connection_params_per_layer(vwn, d)
+        embedding = vwn.resolved_embedding
+        if embedding == "wide":
+            table = wide
+        elif embedding == "factorized":
+            other += wide * d  # W_expand
+        elif embedding == "projected":  # Gemma 3n: K-1 stream projections in, K-1 out
+            other += 2 * (vwn.n - 1) * d * d
         if vwn.connection == "ghc" and wide > d:
-            if vwn.embedding == "wide":
-                table = wide
-            else:
-                other += wide * d  # W_expand
             other += wide * d + (2 * wide if vwn.use_group_norm else 0)  # W_reduce, GroupNorm
     embedding = vocab_size * table + (0 if model.tie_embeddings else vocab_size * d)
     backbone = model.num_layers * layer_params(model) + d
@@ -74,15 +100,38 @@ def ghc_flops_per_token(vwn: VwnConfig, hidden_size: int) -> int:
     return norm_and_coeffs + 2 * (m + n) * r_d + 2 * n * d
 
 
+def mhc_flops_per_token(vwn: VwnConfig, hidden_size: int) -> int:
+    """Forward FLOPs of one mHC module per token: RMSNorm ``4nD``, projection
+    ``2nD(2n + n^2)`` (dynamic), ``H_pre x`` ``2nD``, ``H_res x`` ``2n^2 D``, ``H_post^T F``
+    ``2nD`` (Sinkhorn's ``O(t n^2)`` is left out)."""
+    n, d = vwn.n, hidden_size
+    mappings = (4 + 2 * (2 * n + n * n)) * n * d if vwn.dynamic else 0
+    return mappings + 4 * n * d + 2 * n * n * d
+
+
+def layer_connection_flops_per_token(vwn: VwnConfig, hidden_size: int) -> int:
+    """Forward FLOPs of one layer's width connection per token (AltUp: predict ``2K^2 D``,
+    correct ``3KD``; dynamic: two routers, RMSNorm ``4D`` and ``2KD`` each)."""
+    if vwn.connection == "altup":
+        static = 2 * vwn.n * vwn.n * hidden_size + 3 * vwn.n * hidden_size
+        router = 2 * (4 * hidden_size + 2 * vwn.n * hidden_size) if vwn.dynamic else 0
+        return static + router
+    if vwn.connection == "mhc":
+        return 2 * mhc_flops_per_token(vwn, hidden_size)
+    return 2 * ghc_flops_per_token(vwn, hidden_size)
+
+
 def vwn_flops_per_token(model: ModelConfig) -> int:
-    """Training FLOPs per token added by virtual width (GHC modules, expand, reduce)."""
+    """Training FLOPs per token added by virtual width (connections, expand, reduce)."""
     vwn, d = model.vwn, model.hidden_size
     if not vwn.enabled:
         return 0
-    forward = 2 * model.num_layers * ghc_flops_per_token(vwn, d)
+    forward = model.num_layers * layer_connection_flops_per_token(vwn, d)
     wide = virtual_width(vwn, d)
     if vwn.connection == "ghc" and wide > d:
-        forward += 2 * wide * d * (2 if vwn.embedding == "factorized" else 1)
+        forward += 2 * wide * d * (2 if vwn.resolved_embedding == "factorized" else 1)
+    if vwn.resolved_embedding == "projected":
+        forward += 2 * 2 * (vwn.n - 1) * d * d
     return 3 * forward
 
 

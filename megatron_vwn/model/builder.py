@@ -38,7 +38,9 @@ def vwn_shape(cfg: Config) -> VWNShape | None:
     """The virtual-width layout, or None for the backbone (built as the exact stock model)."""
     if not cfg.model.vwn.enabled:
         return None
-    return VWNShape.from_config(cfg.model.vwn, cfg.model.hidden_size)
+    return VWNShape.from_config(cfg.model.vwn, cfg.model.hidden_size,
+                                num_layers=cfg.model.num_layers,
+                                init_std=cfg.model.init_method_std)
 
 
 def residual_width(cfg: Config) -> int:

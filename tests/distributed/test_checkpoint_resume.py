@@ -41,6 +41,10 @@ CASES: dict[str, list[str]] = {
     "backbone": [],
     # virtual width: GHC modules, the wide embedding, GroupNorm and the reduce resume too
     "vwn": ["model.vwn.m=2", "model.vwn.n=4"],
+    # the rest of the family: mHC's mappings, AltUp's predict/correct and its wide table
+    "mhc": ["model.vwn.connection=mhc", "model.vwn.n=4"],
+    "altup": ["model.vwn.connection=altup", "model.vwn.n=2", "model.vwn.dynamic=false"],
+    "altup_dynamic": ["model.vwn.connection=altup", "model.vwn.n=2"],  # + stream projections
 }
 
 

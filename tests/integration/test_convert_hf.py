@@ -27,6 +27,15 @@ pytest.importorskip("safetensors")
 
 PROMPT = "Call me Ishmael. Some years ago"
 NEW_TOKENS = 8
+# The rest of the width family (docs/width_family.md), each with the MTP head BASE trains.
+FAMILY = {
+    "mhc": ["model.vwn.connection=mhc", "model.vwn.n=4"],
+    "altup": ["model.vwn.connection=altup", "model.vwn.n=2", "model.vwn.dynamic=false"],
+    "recycled": ["model.vwn.connection=altup", "model.vwn.n=2", "model.vwn.dynamic=false",
+                 "model.vwn.embedding=replicated"],
+    "altup_dynamic": ["model.vwn.connection=altup", "model.vwn.n=3"],
+}
+MODELS = {"vwn": VWN, **FAMILY}
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +56,7 @@ def runs(tmp_path_factory, data_cache):
     def get(model: str, layout: str):
         key = f"{model}-{layout}"
         if key not in cache:
-            overrides = [*LAYOUTS[layout], *(VWN if model == "vwn" else [])]
+            overrides = [*LAYOUTS[layout], *MODELS.get(model, [])]
             cache[key] = train_run(root / key, overrides, data_cache)
         return cache[key]
 
@@ -158,6 +167,36 @@ def test_vwn_export_runs_without_megatron_vwn(runs, world, tmp_path):
     assert out["mtp_depths"] == 1
     assert out["generated"] == greedy_megatron(result.loaded.model, out["prompt"], NEW_TOKENS,
                                                result.vocab_size)
+
+
+@pytest.mark.parametrize("model,layout", [("mhc", "pp2"), ("altup", "pp2"), ("recycled", "tp2"),
+                                          ("altup_dynamic", "tp2")])
+def test_family_member_exports_and_runs_without_megatron_vwn(model, layout, runs, world,
+                                                             tmp_path):
+    """mHC, AltUp, Recycled-AltUp and Gemma 3n's AltUp (MTP K = 1 in every one; dynamic AltUp
+    at TP, as MTP with PP is refused for it): logits and MTP logits within 1e-4, the same greedy
+    tokens in transformers, and the same again where megatron_vwn cannot be imported."""
+    from megatron_vwn.convert.export import export_checkpoint
+    from megatron_vwn.convert.verify import check_parity, greedy_megatron, load_hf_model
+
+    run = runs(model, layout)
+    result = export_checkpoint(run, tmp_path / "hf")
+    assert_loaded_as_trained(result.loaded.model, run)
+    config = _assert_exported(result.out_dir, "VWNForCausalLM")
+    assert config["vwn_connection"] == FAMILY[model][0].split("=")[1]
+    report = check_parity(result)
+    print(f"{model} {layout}: {report.describe()}")
+    assert report.max_abs_diff <= 1e-4 and report.mtp_max_abs_diff[0] <= 1e-4
+
+    hf = load_hf_model(result.out_dir, "vwn")
+    ids = _prompt_ids(result.tokenizer_model)
+    expected = greedy_megatron(result.loaded.model, ids, NEW_TOKENS, result.vocab_size)
+    assert _hf_greedy(hf, ids) == expected
+    work = tmp_path / "isolated"
+    work.mkdir()
+    out = run_isolated(result.out_dir, PROMPT, NEW_TOKENS, work)
+    assert out["class"] == "VWNForCausalLM" and out["mtp_depths"] == 1
+    assert out["generated"] == expected
 
 
 def test_cli_convert_bf16_with_verify(runs, tmp_path):

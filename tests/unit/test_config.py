@@ -65,6 +65,38 @@ CASES = [
     (["analysis.batches=0"], "analysis.batches (0) must be > 0"),
     (["analysis.interaction_interval=5", "model.mtp.num_layers=1"],
      "analysis.interaction_interval > 0 needs model.mtp.num_layers=0"),
+    # the rest of the family (docs/width_family.md)
+    (["model.vwn.connection=mhc", "model.vwn.m=2", "model.vwn.n=4"],
+     "model.vwn.connection=mhc needs model.vwn.m = 1 (got 2); n is the number of streams"),
+    (["model.vwn.connection=altup", "model.vwn.m=2", "model.vwn.n=4", "model.vwn.dynamic=false"],
+     "model.vwn.connection=altup needs model.vwn.m = 1 (got 2); n is K, the number of blocks"),
+    (["model.vwn.connection=mhc", "model.vwn.n=4", "model.vwn.embedding=wide"],
+     "model.vwn.embedding=wide does not go with model.vwn.connection=mhc; allowed: auto, "
+     "replicated"),
+    (["model.vwn.connection=altup", "model.vwn.n=2", "model.vwn.embedding=factorized",
+      "model.vwn.dynamic=false"],
+     "model.vwn.embedding=factorized does not go with model.vwn.connection=altup; allowed: "
+     "auto, wide, replicated"),
+    (["model.vwn.m=2", "model.vwn.n=4", "model.vwn.embedding=replicated"],
+     "model.vwn.embedding=replicated does not go with model.vwn.connection=ghc; allowed: auto, "
+     "wide, factorized"),
+    (["model.vwn.connection=altup", "model.vwn.n=2", "model.vwn.embedding=wide"],
+     "model.vwn.embedding=wide does not go with model.vwn.connection=altup and "
+     "model.vwn.dynamic=true"),
+    (["model.vwn.connection=altup", "model.vwn.n=2", "model.mtp.num_layers=1",
+      "parallel.pipeline=2"],
+     "model.mtp.num_layers > 0 with parallel.pipeline > 1 needs the MTP stage's copy of the "
+     "embedding kept in sync, which Megatron-Core does for the table only, not for dynamic"),
+    (["model.vwn.connection=altup", "model.vwn.n=2", "model.vwn.dynamic=false",
+      "model.tie_embeddings=true"],
+     "cannot tie the V x D' table of model.vwn.embedding=wide to the V x D output layer; use "
+     "model.vwn.embedding=replicated or model.tie_embeddings=false"),
+    (["model.vwn.connection=mhc", "model.vwn.n=4", "model.vwn.mhc.sinkhorn_iters=0"],
+     "model.vwn.mhc.sinkhorn_iters (0) must be > 0"),
+    (["model.vwn.connection=mhc", "model.vwn.n=4", "model.vwn.group_norm=on"],
+     "model.vwn.group_norm=on applies to model.vwn.connection=ghc only (got mhc)"),
+    (["model.vwn.altup.selection=odd"], "model.vwn.altup.selection ('odd') must be one of"),
+    (["model.vwn.mhc.reduce=max"], "model.vwn.mhc.reduce ('max') must be one of"),
 ]
 
 

@@ -20,6 +20,14 @@ class VWNConfig(PretrainedConfig):
     ``vwn_dynamic``: token-dependent GHC coefficients; ``vwn_tau`` their tanh temperature;
     ``vwn_scalar_scales``: HC's scalar dynamic scales instead of elementwise matrices;
     ``ghc_norm_eps``: epsilon of the per-segment RMSNorm of the coefficient path.
+    ``mhc`` (manifold-constrained hyper-connections, ``m = 1``, ``n`` streams):
+    ``mhc_sinkhorn_iters`` Sinkhorn iterations. ``altup`` (alternating updates, ``m = 1``,
+    ``n = K`` blocks):
+    ``altup_active`` the block each decoder layer computes, ``altup_mtp_active`` the same for the
+    MTP depths; ``vwn_dynamic`` selects Gemma 3n's router variant there. ``vwn_embedding`` is
+    also ``replicated`` (the ``D`` table copied ``n`` times), ``projected`` (Gemma 3n: learned
+    RMS-matched projections) or ``none``. ``vwn_reduce``: ``ghc`` (GroupNorm + reduce), ``sum``,
+    ``mean``, ``active`` (``altup_exit_block``) or ``none``; None: the connection's old default.
     ``num_mtp_layers``: multi-token-prediction depths stored with the model (unused by
     ``forward``; see ``VWNForCausalLM.mtp_logits``).
     """
@@ -50,6 +58,11 @@ class VWNConfig(PretrainedConfig):
         vwn_tau: float = 1.0,
         vwn_scalar_scales: bool = False,
         ghc_norm_eps: float = 1e-6,
+        vwn_reduce: str | None = None,
+        mhc_sinkhorn_iters: int = 20,
+        altup_active: list | None = None,
+        altup_mtp_active: list | None = None,
+        altup_exit_block: int = 0,
         num_mtp_layers: int = 0,
         use_cache: bool = True,
         pad_token_id: int | None = None,
@@ -77,14 +90,24 @@ class VWNConfig(PretrainedConfig):
         self.vwn_tau = vwn_tau
         self.vwn_scalar_scales = vwn_scalar_scales
         self.ghc_norm_eps = ghc_norm_eps
+        if vwn_reduce is None:  # exports written before the field existed
+            wide = vwn_n * (hidden_size // vwn_m) > hidden_size
+            vwn_reduce = {"hc": "sum"}.get(vwn_connection,
+                                           "ghc" if vwn_connection == "ghc" and wide else "none")
+        self.vwn_reduce = vwn_reduce
+        self.mhc_sinkhorn_iters = mhc_sinkhorn_iters
+        self.altup_active = list(altup_active or [])
+        self.altup_mtp_active = list(altup_mtp_active or [])
+        self.altup_exit_block = altup_exit_block
         self.num_mtp_layers = num_mtp_layers
         self.use_cache = use_cache
         self.pad_token_id = pad_token_id
         self.bos_token_id = bos_token_id
         self.eos_token_id = eos_token_id
         self.tie_word_embeddings = tie_word_embeddings
-        if vwn_connection not in ("ghc", "hc", "frac", "none"):
-            raise ValueError(f"vwn_connection ({vwn_connection!r}) must be ghc, hc, frac or none")
+        if vwn_connection not in ("ghc", "hc", "frac", "mhc", "altup", "none"):
+            raise ValueError(f"vwn_connection ({vwn_connection!r}) must be ghc, hc, frac, mhc, "
+                             f"altup or none")
         if hidden_size % vwn_m or vwn_n < vwn_m:
             raise ValueError(f"need vwn_m | hidden_size and vwn_n >= vwn_m (got m={vwn_m}, "
                              f"n={vwn_n}, hidden_size={hidden_size})")

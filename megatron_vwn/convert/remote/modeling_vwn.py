@@ -16,10 +16,25 @@ sublayer ``T`` a generalized hyper-connection (GHC) reads the ``D``-wide input a
                           A(H) = S_a * C[:, :m+n] + [A_read | A_carry]
                           B(H) = (S_b * C[:, m+n:])^T + B
 
-Input: ``wide`` table ``V x D'``, ``factorized`` ``V x D`` then ``W_expand: D -> D'``, or HC's
-``D`` embedding replicated ``n`` times. Output: GroupNorm (groups of ``D``) and
-``W_reduce: D' -> D`` (VWN), the sum of the ``n`` streams (HC) or nothing (Frac), then the final
-RMSNorm and the LM head. ``vwn_connection = "none"`` is the plain residual backbone.
+mHC (arXiv 2512.24880; ``m = 1``, ``n`` streams of ``D``) wraps each sublayer the same way:
+
+    x~ = RMSNorm(vec(x)) (fp32);  l = x~ [phi_pre | phi_post | phi_res]
+    H_pre = sigmoid(a_pre l_pre + b_pre), H_post = 2 sigmoid(a_post l_post + b_post),
+    H_res = SinkhornKnopp(exp(a_res l_res + b_res));  x' = H_res x + H_post^T F(H_pre x)
+
+AltUp (arXiv 2301.13310; ``m = 1``, ``K = n`` blocks of ``D``) wraps the whole layer ``L``
+(residual included), which computes block ``j*``:
+
+    static:  x^ = (I + P) x;  y_i = x^_i + (1 + g_i) (L(x_{j*}) - x^_{j*})
+    dynamic (Gemma 3n): r(v) = tanh(W_r RMSNorm(v) / D);  x^ = x + reshape(C r(x_{j*})) x;
+             x~ = L(x^_{j*});  y_i = x^_i + (1 + (c r(x~))_i) (x~ - x^_{j*})
+
+Input: ``wide`` table ``V x D'``, ``factorized`` ``V x D`` then ``W_expand: D -> D'``, the
+``D`` embedding replicated ``n`` times (HC, mHC, Recycled-AltUp), or ``projected`` (Gemma 3n:
+stream ``i > 0`` is ``W_i e`` RMS-matched to ``e``). Output: GroupNorm (groups of ``D``) and
+``W_reduce: D' -> D`` (VWN), the sum / mean of the ``n`` streams or AltUp's last computed block
+(Gemma 3n's streams ``i > 0`` first projected back and RMS-matched), or nothing (Frac), then the
+final RMSNorm and the LM head. ``vwn_connection = "none"`` is the plain residual backbone.
 
 Multi-token prediction heads (``config.num_mtp_layers``) are loaded with the model but unused by
 ``forward`` and ``generate``; :meth:`VWNForCausalLM.mtp_logits` returns their next-N logits.
@@ -184,23 +199,135 @@ class GHC(nn.Module):
         return new.reshape(b, s, self.n * self.d_b)
 
 
-class VWNDecoderLayer(nn.Module):
-    """Pre-norm attention and SwiGLU, each wrapped by a GHC (or a plain residual add)."""
+def sinkhorn(logits: torch.Tensor, iters: int) -> torch.Tensor:
+    """``SinkhornKnopp(exp(logits))`` over ``[..., n, n]``: rows then columns, ``iters`` times."""
+    matrix = torch.exp(logits - logits.amax(dim=(-2, -1), keepdim=True))
+    for _ in range(iters):
+        matrix = matrix / matrix.sum(dim=-1, keepdim=True)
+        matrix = matrix / matrix.sum(dim=-2, keepdim=True)
+    return matrix
 
-    def __init__(self, config: VWNConfig, layer_idx: int):
+
+class MHC(nn.Module):
+    """One mHC module: ``bias`` ``[2n + n^2]``; dynamic: ``norm_weight`` ``[n D]``, ``proj``
+    ``[n D, 2n + n^2]``, ``gate`` ``[3]``. Mappings in fp32."""
+
+    def __init__(self, config: VWNConfig):
+        super().__init__()
+        n, d = config.vwn_n, config.hidden_size
+        self.n, self.hidden = n, d
+        self.dynamic = config.vwn_dynamic
+        self.iters = config.mhc_sinkhorn_iters
+        self.eps = config.ghc_norm_eps
+        self.bias = nn.Parameter(torch.zeros(2 * n + n * n))
+        if self.dynamic:
+            self.norm_weight = nn.Parameter(torch.ones(n * d))
+            self.proj = nn.Parameter(torch.zeros(n * d, 2 * n + n * n))
+            self.gate = nn.Parameter(torch.zeros(3))
+
+    def read(self, hidden: torch.Tensor):
+        b, s, _ = hidden.shape
+        n = self.n
+        state = hidden.reshape(b * s, n, self.hidden)
+        logits = self.bias.float().expand(b * s, -1)
+        if self.dynamic:
+            flat = state.reshape(b * s, -1).float()
+            normed = F.rms_norm(flat, (flat.shape[-1],), self.norm_weight.float(), self.eps)
+            g = self.gate.float()
+            gates = torch.cat([g[0].expand(n), g[1].expand(n), g[2].expand(n * n)])
+            logits = logits + (normed @ self.proj.float()) * gates
+        pre = torch.sigmoid(logits[:, :n]).to(state.dtype)
+        post = (2.0 * torch.sigmoid(logits[:, n:2 * n])).to(state.dtype)
+        res = sinkhorn(logits[:, 2 * n:].reshape(-1, n, n), self.iters).to(state.dtype)
+        x = torch.matmul(pre.unsqueeze(1), state)  # [T, 1, D]
+        return x.reshape(b, s, self.hidden), (state, post, res)
+
+    def write(self, output: torch.Tensor, saved) -> torch.Tensor:
+        state, post, res = saved
+        b, s, _ = output.shape
+        new = torch.matmul(res, state) + post.unsqueeze(2) * output.reshape(b * s, 1, -1)
+        return new.reshape(b, s, self.n * self.hidden)
+
+
+class AltUp(nn.Module):
+    """AltUp's predict / correct around a whole layer computing block ``active``. Static:
+    ``predict_delta`` ``[K, K]``, ``correct_delta`` ``[K]``; dynamic (Gemma 3n):
+    ``router_norm`` ``[D]``, ``router`` ``[K, D]``, ``predict_coefs`` ``[K^2, K]``,
+    ``correct_coefs`` ``[K, K]`` (the +-120 clip applies in training only)."""
+
+    def __init__(self, config: VWNConfig, active: int):
+        super().__init__()
+        k, d = config.vwn_n, config.hidden_size
+        self.blocks, self.hidden, self.active = k, d, active
+        self.dynamic = config.vwn_dynamic
+        self.eps = config.ghc_norm_eps
+        if self.dynamic:
+            self.router_norm = nn.Parameter(torch.ones(d))
+            self.router = nn.Parameter(torch.zeros(k, d))
+            self.predict_coefs = nn.Parameter(torch.zeros(k * k, k))
+            self.correct_coefs = nn.Parameter(torch.zeros(k, k))
+        else:
+            self.predict_delta = nn.Parameter(torch.zeros(k, k))
+            self.correct_delta = nn.Parameter(torch.zeros(k))
+
+    def route(self, x: torch.Tensor) -> torch.Tensor:
+        normed = F.rms_norm(x.float(), (self.hidden,), self.router_norm.float(), self.eps)
+        return torch.tanh(F.linear(normed / self.hidden, self.router.float()))
+
+    def read(self, hidden: torch.Tensor):
+        b, s, _ = hidden.shape
+        state = hidden.reshape(b * s, self.blocks, self.hidden)
+        if self.dynamic:
+            coefs = F.linear(self.route(state[:, self.active]), self.predict_coefs.float())
+            coefs = coefs.view(-1, self.blocks, self.blocks).to(state.dtype)
+            predicted = state + torch.matmul(coefs, state)
+            return predicted[:, self.active].reshape(b, s, -1), predicted
+        eye = torch.eye(self.blocks, dtype=state.dtype, device=state.device)
+        predicted = torch.matmul(eye + self.predict_delta.to(state.dtype), state)
+        return state[:, self.active].reshape(b, s, -1), predicted
+
+    def write(self, output: torch.Tensor, predicted: torch.Tensor) -> torch.Tensor:
+        b, s, _ = output.shape
+        computed = output.reshape(b * s, 1, self.hidden)
+        innovation = computed - predicted[:, self.active:self.active + 1]
+        if self.dynamic:
+            gain = F.linear(self.route(computed[:, 0]), self.correct_coefs.float())
+            correct = (1.0 + gain).to(output.dtype).unsqueeze(-1)
+        else:
+            correct = (1.0 + self.correct_delta.to(output.dtype)).view(1, -1, 1)
+        new = predicted + correct * innovation
+        return new.reshape(b, s, self.blocks * self.hidden)
+
+
+def rms_matched(x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """``x`` rescaled to ``target``'s RMS (Gemma 3n: ``x``'s mean square clamped at 1e-5)."""
+    target_rms = target.float().square().mean(-1, keepdim=True).sqrt()
+    rms = x.float().square().mean(-1, keepdim=True).clamp(min=1e-5).sqrt()
+    return (x.float() * (target_rms / rms)).to(x.dtype)
+
+
+class VWNDecoderLayer(nn.Module):
+    """Pre-norm attention and SwiGLU, each wrapped by a GHC or mHC (or a plain residual add);
+    with AltUp the whole residual layer wrapped by one AltUp module."""
+
+    def __init__(self, config: VWNConfig, layer_idx: int, active: int = 0):
         super().__init__()
         self.input_layernorm = VWNRMSNorm(config.hidden_size, config.rms_norm_eps)
         self.self_attn = VWNAttention(config, layer_idx)
         self.post_attention_layernorm = VWNRMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = VWNMLP(config)
-        wide = config.vwn_connection != "none"
-        self.attn_ghc = GHC(config) if wide else None
-        self.mlp_ghc = GHC(config) if wide else None
+        connection = config.vwn_connection
+        self.altup = AltUp(config, active) if connection == "altup" else None
+        sublayer = {"mhc": MHC, "altup": None, "none": None}.get(connection, GHC)
+        self.attn_ghc = sublayer(config) if sublayer else None
+        self.mlp_ghc = sublayer(config) if sublayer else None
 
     def forward(self, hidden, cos, sin, mask, cache):
         if self.attn_ghc is None:
-            hidden = hidden + self.self_attn(self.input_layernorm(hidden), cos, sin, mask, cache)
-            return hidden + self.mlp(self.post_attention_layernorm(hidden))
+            x, saved = self.altup.read(hidden) if self.altup is not None else (hidden, None)
+            x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
+            x = x + self.mlp(self.post_attention_layernorm(x))
+            return self.altup.write(x, saved) if self.altup is not None else x
         x, saved = self.attn_ghc.read(hidden)
         z = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
         hidden = self.attn_ghc.write(z, saved)
@@ -215,23 +342,37 @@ class VWNOutputNorm(nn.Module):
 
     def __init__(self, config: VWNConfig):
         super().__init__()
-        self.connection = config.vwn_connection
+        self.mode = config.vwn_reduce
+        self.exit_block = config.altup_exit_block
         self.n, self.hidden = config.vwn_n, config.hidden_size
         wide = config.wide_size
         self.groups = wide // config.hidden_size
         self.eps = config.rms_norm_eps
         self.group_norm = None
         self.reduce = None
-        if self.connection == "ghc" and wide > config.hidden_size:
+        if self.mode == "ghc":
             if config.vwn_group_norm:
                 self.group_norm = nn.GroupNorm(self.groups, wide, eps=config.rms_norm_eps)
             self.reduce = nn.Linear(wide, config.hidden_size, bias=False)
+        self.altup_unembed_projections = None
+        if config.vwn_embedding == "projected" and self.n > 1:
+            d = config.hidden_size
+            self.altup_unembed_projections = nn.Parameter(torch.zeros(self.n - 1, d, d))
         self.norm = VWNRMSNorm(config.hidden_size, config.rms_norm_eps)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        if self.connection == "hc":
+        if self.mode in ("sum", "mean", "active"):
             b, s, _ = hidden.shape
-            hidden = hidden.reshape(b, s, self.n, self.hidden).sum(dim=2)
+            streams = hidden.reshape(b, s, self.n, self.hidden)
+            if self.altup_unembed_projections is not None:
+                first = streams[:, :, :1]
+                others = torch.einsum("bskd,ked->bske", streams[:, :, 1:],
+                                      self.altup_unembed_projections)
+                streams = torch.cat([first, rms_matched(others, first)], dim=2)
+            if self.mode == "active":
+                hidden = streams[:, :, self.exit_block]
+            else:
+                hidden = streams.sum(dim=2) if self.mode == "sum" else streams.mean(dim=2)
         elif self.reduce is not None:
             if self.group_norm is not None:
                 shape = hidden.shape
@@ -247,22 +388,31 @@ class VWNEmbedding(nn.Module):
 
     def __init__(self, config: VWNConfig):
         super().__init__()
-        self.connection = config.vwn_connection
+        connection, kind = config.vwn_connection, config.vwn_embedding
         self.n = config.vwn_n
-        wide_table = self.connection == "ghc" and config.vwn_embedding == "wide"
+        wide_table = connection in ("ghc", "altup") and kind == "wide"
         width = config.wide_size if wide_table else config.hidden_size
         self.embed_tokens = nn.Embedding(config.vocab_size, width)
+        self.replicate = connection == "hc" or kind == "replicated"
         self.expand = None
-        if (self.connection == "ghc" and config.vwn_embedding == "factorized"
+        if (connection == "ghc" and kind == "factorized"
                 and config.wide_size > config.hidden_size):
             self.expand = nn.Linear(config.hidden_size, config.wide_size, bias=False)
+        self.altup_projections = None
+        if kind == "projected" and self.n > 1:
+            d = config.hidden_size
+            self.altup_projections = nn.Parameter(torch.zeros(self.n - 1, d, d))
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         embedded = self.embed_tokens(input_ids)
         if self.expand is not None:
             return self.expand(embedded)
-        if self.connection == "hc":
+        if self.replicate:
             return embedded.repeat(1, 1, self.n)
+        if self.altup_projections is not None:
+            streams = torch.einsum("bsd,ked->bske", embedded, self.altup_projections)
+            streams = rms_matched(streams, embedded.unsqueeze(-2))
+            return torch.cat([embedded, streams.flatten(-2)], dim=-1)
         return embedded
 
 
@@ -331,8 +481,9 @@ class VWNModel(VWNPreTrainedModel):
     def __init__(self, config: VWNConfig):
         super().__init__(config)
         self.embedding = VWNEmbedding(config)
+        active = config.altup_active or [0] * config.num_hidden_layers
         self.layers = nn.ModuleList(
-            [VWNDecoderLayer(config, i) for i in range(config.num_hidden_layers)])
+            [VWNDecoderLayer(config, i, active[i]) for i in range(config.num_hidden_layers)])
         self.output_norm = VWNOutputNorm(config)
         self.post_init()
 
@@ -382,7 +533,7 @@ class VWNMTPLayer(nn.Module):
     ``Linear(2D -> D)`` on ``[e ; h]``. Then one decoder layer and the output norm.
     """
 
-    def __init__(self, config: VWNConfig, layer_idx: int):
+    def __init__(self, config: VWNConfig, layer_idx: int, active: int = 0):
         super().__init__()
         width = config.wide_size
         self.wide = config.vwn_connection != "none"
@@ -393,7 +544,7 @@ class VWNMTPLayer(nn.Module):
             self.eh_proj = nn.Linear(2 * self.d_b, self.d_b, bias=False)
         else:
             self.eh_proj = nn.Linear(2 * width, width, bias=False)
-        self.layer = VWNDecoderLayer(config, layer_idx)
+        self.layer = VWNDecoderLayer(config, layer_idx, active)
         self.output_norm = VWNOutputNorm(config)
 
     def forward(self, previous, embedded, cos, sin, mask):
@@ -422,8 +573,9 @@ class VWNForCausalLM(VWNPreTrainedModel, GenerationMixin):
         super().__init__(config)
         self.model = VWNModel(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        active = config.altup_mtp_active or [0] * config.num_mtp_layers
         self.mtp = nn.ModuleList(
-            [VWNMTPLayer(config, config.num_hidden_layers + k)
+            [VWNMTPLayer(config, config.num_hidden_layers + k, active[k])
              for k in range(config.num_mtp_layers)])
         self.post_init()
 

@@ -1,12 +1,19 @@
 """Where the wide state begins and ends: over-width embedding and the reduce to ``D``.
 
+Shared by every family member; :class:`~megatron_vwn.model.width.shape.VWNShape` says which
+variant a model uses.
+
 * :class:`VWNEmbedding` (first stage): Megatron's vocabulary-parallel ``LanguageModelEmbedding``
-  producing ``[s, b, D']``: a ``V x D'`` table (``wide``), a ``V x D`` table then
-  ``W_expand: D -> D'`` (``factorized``), or HC's ``D`` embedding replicated ``n`` times.
+  producing ``[s, b, D']``: a ``V x D'`` table (``wide``: VWN, AltUp), a ``V x D`` table then
+  ``W_expand: D -> D'`` (``factorized``), or the ``D`` embedding replicated ``n`` times
+  (``replicated``: HC, mHC, Recycled-AltUp), or the ``D`` embedding plus ``K - 1`` learned
+  projections of it, each RMS-matched to it (``projected``: Gemma 3n's dynamic AltUp).
 * :class:`VWNFinalNorm` (the stage holding the final norm): GroupNorm over groups of size ``D``
-  and ``W_reduce: D' -> D`` sharded over tensor parallelism (each rank owns a slice of ``D'``),
-  or HC's sum of streams; then the backbone's own final norm. It takes the place of the block's
-  ``final_layernorm`` in the spec, so ``GPTModel`` hands ``[s, b, D]`` to its output layer.
+  and ``W_reduce: D' -> D`` sharded over tensor parallelism (each rank owns a slice of ``D'``)
+  (``ghc``), or the sum / mean of the ``n`` streams, or AltUp's last computed block (with
+  Gemma 3n's AltUp streams ``1..K-1`` first projected back and RMS-matched to stream 0); then the
+  backbone's own final norm. It takes the place of the block's ``final_layernorm`` in the spec,
+  so ``GPTModel`` hands ``[s, b, D]`` to its output layer.
 """
 
 from __future__ import annotations
@@ -26,11 +33,28 @@ from megatron.core.transformer.spec_utils import build_module
 from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
 
+from megatron_vwn.model.width.altup import init_stream_projections, rms_matched
 from megatron_vwn.model.width.vwn import VWNShape
 
 
 def _device(config: TransformerConfig):
     return torch.device("cpu") if config.use_cpu_initialization else None
+
+
+def _stream_projections(vwn: VWNShape, config: TransformerConfig) -> torch.nn.Parameter:
+    """Gemma 3n's per-stream ``D -> D`` projections ``[K-1, D, D]``, replicated over TP."""
+    weight = torch.empty(vwn.n - 1, vwn.hidden, vwn.hidden, dtype=config.params_dtype,
+                         device=_device(config))
+    param = torch.nn.Parameter(weight)
+    param.sequence_parallel = config.sequence_parallel
+    param.layout_init = init_stream_projections  # seeded by its global name on CPU
+    init_stream_projections(param)
+    return param
+
+
+def _project_streams(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``[..., D]`` -> ``[..., K-1, D]``: ``W_i x`` for every projection ``i``."""
+    return torch.einsum("...d,ked->...ke", x, weight)
 
 
 class VWNEmbedding(LanguageModelEmbedding):
@@ -39,26 +63,33 @@ class VWNEmbedding(LanguageModelEmbedding):
     def __init__(self, config: TransformerConfig, vwn: VWNShape, vocab_size: int,
                  max_sequence_length: int, scatter_to_sequence_parallel: bool = True):
         self.vwn = vwn
-        wide_table = vwn.connection == "ghc" and vwn.embedding == "wide"
+        wide_table = vwn.embedding == "wide"
         table_config = dataclasses.replace(config, hidden_size=vwn.width) if wide_table else config
         super().__init__(table_config, vocab_size, max_sequence_length,
                          position_embedding_type="none",
                          scatter_to_sequence_parallel=scatter_to_sequence_parallel)
         self.expand = None
-        if vwn.connection == "ghc" and vwn.embedding == "factorized" and vwn.width > vwn.hidden:
+        if vwn.embedding == "factorized":
             weight = torch.empty(vwn.width, vwn.hidden, dtype=config.params_dtype,
                                  device=_device(config))
             self.expand = torch.nn.Parameter(weight)
             self.expand.sequence_parallel = config.sequence_parallel
             self.expand.layout_init = _init_expand
             _init_expand(self.expand)
+        self.altup_projections = None
+        if vwn.embedding == "projected" and vwn.n > 1:
+            self.altup_projections = _stream_projections(vwn, config)
 
     def forward(self, input_ids, position_ids, tokentype_ids=None):
         embeddings = super().forward(input_ids, position_ids, tokentype_ids)  # [s, b, D or D']
         if self.expand is not None:
             return F.linear(embeddings, self.expand)  # [s, b, D']
-        if self.vwn.connection == "hc":
+        if self.vwn.embedding == "replicated":
             return embeddings.repeat(1, 1, self.vwn.n)  # n copies of the D-wide embedding
+        if self.altup_projections is not None:  # stream 0 = e, stream i = RMS-matched W_i e
+            streams = rms_matched(_project_streams(embeddings, self.altup_projections),
+                                  embeddings.unsqueeze(-2))  # [s, b, K-1, D]
+            return torch.cat([embeddings, streams.flatten(-2)], dim=-1)  # [s, b, K*D]
         return embeddings
 
 
@@ -107,13 +138,16 @@ class VWNFinalNorm(MegatronModule):
         self.group_norm = None
         self.reduce = None
         tp = config.tensor_model_parallel_size
-        if vwn.connection == "ghc" and vwn.width > vwn.hidden:
+        if vwn.reduce == "ghc":
             if vwn.group_norm:
                 self.group_norm = ShardedGroupNorm(vwn.width // tp, vwn.hidden, eps, config)
             self.reduce = tensor_parallel.RowParallelLinear(
                 vwn.width, vwn.hidden, config=config, init_method=config.init_method,
                 bias=False, input_is_parallel=True, skip_bias_add=True,
             )
+        self.altup_unembed_projections = None
+        if vwn.embedding == "projected" and vwn.n > 1:
+            self.altup_unembed_projections = _stream_projections(vwn, config)
         self.norm = build_module(final_norm, config=config, hidden_size=hidden_size, eps=eps)
         self.keep_input = False  # set when a multi-token-prediction depth reads the wide state
         self._kept: torch.Tensor | None = None
@@ -128,9 +162,19 @@ class VWNFinalNorm(MegatronModule):
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         if self.keep_input:
             self._kept = hidden
-        if self.vwn.connection == "hc":
+        reduce = self.vwn.reduce
+        if reduce in ("sum", "mean", "active"):
             s, b, _ = hidden.shape
-            hidden = hidden.reshape(s, b, self.vwn.n, self.vwn.hidden).sum(dim=2)
+            streams = hidden.reshape(s, b, self.vwn.n, self.vwn.hidden)  # [s, b, n, D]
+            if self.altup_unembed_projections is not None:  # Gemma 3n: project back, match
+                first = streams[:, :, :1]
+                others = torch.einsum("sbkd,ked->sbke", streams[:, :, 1:],
+                                      self.altup_unembed_projections)
+                streams = torch.cat([first, rms_matched(others, first)], dim=2)
+            if reduce == "active":  # AltUp: the block the last layer computed
+                hidden = streams[:, :, self.vwn.active_block(self.vwn.num_layers - 1)]
+            else:
+                hidden = streams.sum(dim=2) if reduce == "sum" else streams.mean(dim=2)
         elif self.reduce is not None:
             if self.config.sequence_parallel:
                 # Gradients arriving here are complete on every rank: split, do not sum.

@@ -1,0 +1,127 @@
+"""Manifold-constrained hyper-connections (mHC; DeepSeek, arXiv 2512.24880; METHODS.md 2.1).
+
+Pure math, no parallelism. ``n`` streams of width ``D``: the wide state ``H`` is ``[s, b, n*D]``
+viewed as ``x_l``: ``[T, n, D]``. Around one sublayer ``F`` (its own pre-norm, no residual add):
+
+    x~     = RMSNorm(vec(x_l))                                 [T, n*D], fp32, learnable gain
+    l      = x~ [phi_pre | phi_post | phi_res]                 [T, n + n + n^2]
+    H_pre  = sigmoid(alpha_pre * l_pre + b_pre)                [T, 1, n]
+    H_post = 2 sigmoid(alpha_post * l_post + b_post)           [T, 1, n]
+    H_res  = SinkhornKnopp(exp(alpha_res * l_res + b_res))     [T, n, n], doubly stochastic
+    x_{l+1} = H_res x_l + H_post^T F(H_pre x_l)                [T, n, D]
+
+``alpha`` are three learnable scalars (init ``gate_init``, 0.01), ``b`` learnable biases.
+``dynamic=False`` drops ``phi``, ``alpha`` and the norm: the mappings come from ``b`` alone.
+
+Initialisation (docs/width_family.md): ``phi ~ N(0, init_std)`` (breaks the symmetry of the
+replicated streams), ``b_pre = logit(1/n)`` (``H_pre = 1/n``: the read is the streams' mean),
+``b_post = 0`` (``H_post = 1``), ``b_res`` = ``identity_bias`` on the diagonal and 0 off it
+(0: ``H_res = 1/n``). With equal streams and ``alpha = 0`` every stream is then exactly the
+backbone's residual stream whatever ``b_res``, since ``H_res`` is doubly stochastic. (``n = 1``
+cannot read with weight 1, ``b_pre = 0`` there; the sublayer's pre-norm absorbs the 1/2.)
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+
+def sinkhorn(logits: torch.Tensor, iters: int) -> torch.Tensor:
+    """``SinkhornKnopp(exp(logits))`` over the last two dims ``[..., n, n]``: ``iters`` rounds of
+    row then column normalisation (columns sum to 1 exactly, rows to within the convergence).
+    The per-matrix maximum is subtracted first (the result does not depend on a scale)."""
+    matrix = torch.exp(logits - logits.amax(dim=(-2, -1), keepdim=True))
+    for _ in range(iters):
+        matrix = matrix / matrix.sum(dim=-1, keepdim=True)
+        matrix = matrix / matrix.sum(dim=-2, keepdim=True)
+    return matrix
+
+
+class MHC(torch.nn.Module):
+    """One mHC module around a sublayer.
+
+    Parameters: ``bias`` ``[2n + n^2]`` (pre | post | res, row-major); with ``dynamic``:
+    ``norm_weight`` ``[n*D]``, ``proj`` ``[n*D, 2n + n^2]`` (``phi``), ``gate`` ``[3]``
+    (alpha_pre, alpha_post, alpha_res). All but ``proj`` carry ``no_weight_decay``.
+    """
+
+    def __init__(self, n: int, hidden: int, dynamic: bool = True, sinkhorn_iters: int = 20,
+                 gate_init: float = 0.01, identity_bias: float = 0.0, init_std: float = 0.02,
+                 eps: float = 1e-6, recompute: bool = False,
+                 dtype: torch.dtype = torch.float32, device=None):
+        super().__init__()
+        self.n, self.hidden = n, hidden
+        self.d_b = hidden  # stream width (GHC's segment width with m = 1)
+        self.dynamic = dynamic
+        self.sinkhorn_iters = sinkhorn_iters
+        self.eps = eps
+        self.recompute = recompute
+        kwargs = dict(dtype=dtype, device=device)
+        bias = torch.zeros(2 * n + n * n)
+        if n > 1:
+            bias[:n] = -math.log(n - 1)  # sigmoid(b_pre) = 1/n
+        bias[2 * n:].view(n, n).fill_diagonal_(identity_bias)
+        self.bias = torch.nn.Parameter(bias.to(**kwargs))
+        self.bias.no_weight_decay = True
+        if dynamic:
+            self.norm_weight = torch.nn.Parameter(torch.ones(n * hidden, **kwargs))
+            self.proj = torch.nn.Parameter(torch.empty(n * hidden, 2 * n + n * n, **kwargs))
+            self.gate = torch.nn.Parameter(torch.full((3,), float(gate_init), **kwargs))
+            self.norm_weight.no_weight_decay = True
+            self.gate.no_weight_decay = True
+
+            def init_proj(weight: torch.Tensor, std: float = init_std) -> None:
+                with torch.no_grad():
+                    weight.normal_(0.0, std)
+
+            self.proj.layout_init = init_proj  # seeded by its global name on CPU
+            init_proj(self.proj)
+
+    def mappings(self, state: torch.Tensor):
+        """``state`` ``[T, n, D]`` -> ``H_pre`` ``[T, n]``, ``H_post`` ``[T, n]``, ``H_res``
+        ``[T, n, n]``, in fp32 at least."""
+        n = self.n
+        dtype = torch.promote_types(self.bias.dtype, torch.float32)
+        bias = self.bias.to(dtype)
+        if self.dynamic:
+            flat = state.reshape(state.shape[0], -1).to(dtype)  # [T, n*D]
+            normed = F.rms_norm(flat, (flat.shape[-1],), self.norm_weight.to(dtype), self.eps)
+            logits = normed @ self.proj.to(dtype)  # [T, 2n + n^2]
+            gate = self.gate.to(dtype)
+            gates = torch.cat([gate[0].expand(n), gate[1].expand(n), gate[2].expand(n * n)])
+            logits = torch.addcmul(bias, logits, gates)
+        else:
+            logits = bias.expand(state.shape[0], -1)
+        pre = torch.sigmoid(logits[:, :n])
+        post = 2.0 * torch.sigmoid(logits[:, n:2 * n])
+        res = sinkhorn(logits[:, 2 * n:].reshape(-1, n, n), self.sinkhorn_iters)
+        return pre, post, res
+
+    def read(self, hidden: torch.Tensor):
+        """``[s, b, n*D]`` -> sublayer input ``H_pre x_l`` ``[s, b, D]`` and what
+        :meth:`write` needs."""
+        s, b, _ = hidden.shape
+        state = hidden.reshape(s * b, self.n, self.hidden)  # [T, n, D]
+        if self.recompute and torch.is_grad_enabled():
+            pre, post, res = checkpoint(self.mappings, state, use_reentrant=False)
+        else:
+            pre, post, res = self.mappings(state)
+        pre, post, res = (t.to(state.dtype) for t in (pre, post, res))
+        x = torch.bmm(pre.unsqueeze(1), state)  # [T, 1, D]
+        return x.reshape(s, b, self.hidden), (state, post, res)
+
+    def write(self, output: torch.Tensor, saved) -> torch.Tensor:
+        """Sublayer output ``[s, b, D]`` -> ``H_res x_l + H_post^T F`` ``[s, b, n*D]``."""
+        state, post, res = saved
+        s, b, _ = output.shape
+        z = output.reshape(s * b, 1, self.hidden)  # [T, 1, D]
+        new = torch.baddbmm(torch.bmm(res, state), post.unsqueeze(2), z)  # [T, n, D]
+        return new.reshape(s, b, self.n * self.hidden)
+
+    def extra_repr(self) -> str:
+        return (f"n={self.n}, hidden={self.hidden}, dynamic={self.dynamic}, "
+                f"sinkhorn_iters={self.sinkhorn_iters}")
