@@ -75,9 +75,10 @@ FAMILY_MTP = {f"{name}_mtp1": [*FAMILY[name], "model.mtp.num_layers=1",
 # mHC's biases and gates (H_pre, H_post, H_res) get gradients that are sums of per-token terms
 # which nearly cancel while the replicated streams are almost equal: the sublayer's pre-norm is
 # blind to the scale of H_pre x and Sinkhorn to what is common to a row of H_res. Their largest
-# entry is about 1e-3 of a typical gradient, so fp32 reordering across layouts (seen with MTP
-# under TP, in the main layers and the MTP layer) reaches 3-4e-5 of it; they are compared at
-# 1e-4 of their largest entry.
+# entry is 1e-3 to 1e-4 of the model's largest gradient, so fp32 reordering of the summands
+# across layouts (seen with MTP under TP, on 0.16 and 0.19) reaches 1e-4 of it. Their absolute
+# tolerance is therefore 1e-5 of the model's largest gradient, the scale of the summands; a
+# missing reduction (the bug this test is for) is still off by the gradient itself, 10-100x more.
 CANCELLING_GRADS = ("_ghc.bias", "_ghc.gate")
 MODELS = {**VWN, **MTP, **FAMILY, **FAMILY_MTP}
 CASES = [("backbone", layout) for layout in LAYOUTS] + [
@@ -117,7 +118,8 @@ def test_layout_matches_single_process(model, layout, references, tmp_path, data
     if layout in SHARDED_GRADS:
         return
     assert grads.keys() == ref_grads.keys()
+    model_scale = max(ref.abs().max().item() for ref in ref_grads.values())
     for name, ref in ref_grads.items():
-        scale = ref.abs().max().item() * (10 if name.endswith(CANCELLING_GRADS) else 1)
+        scale = model_scale if name.endswith(CANCELLING_GRADS) else ref.abs().max().item()
         torch.testing.assert_close(grads[name], ref, rtol=1e-4, atol=1e-5 * scale,
                                    msg=lambda m, n=name: f"{n}: {m}")
