@@ -14,7 +14,6 @@ environment. Bad input is reported as one line (exit status 2) before any proces
 from __future__ import annotations
 
 import argparse
-import subprocess
 import sys
 from collections.abc import Sequence
 
@@ -55,7 +54,9 @@ def cmd_train(ns: argparse.Namespace) -> int:
             f"--nproc-per-node={ns.nproc}", "-m", "megatron_vwn.cli", "train",
             config_path, *overrides,
         ]
-        return subprocess.call(command)
+        from megatron_vwn.training.faults import launch_reporting_faults
+
+        return launch_reporting_faults(command)
 
     from megatron_vwn.training.trainer import run_training
 
@@ -130,11 +131,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     handlers = {"train": cmd_train, "preprocess": cmd_preprocess, "checkpoint": cmd_checkpoint,
                 "slurm": cmd_slurm, "convert": cmd_convert}
+    from megatron_vwn.training.faults import TrainingFault, report_fault
+
     try:
         return handlers[ns.command](ns)
     except ConfigError as exc:
-        print(f"megatron-vwn: error: {exc}", file=sys.stderr)
+        report_fault(2, str(exc))
         return 2
+    except TrainingFault as exc:  # NaN/Inf, a lost rank, a failed save: docs/reliability.md
+        if exc.report:
+            report_fault(exc.exit_code, str(exc))
+        return exc.exit_code
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
     cfg.data.validate()
     cfg.logging.validate()
     cfg.checkpoint.validate()
+    cfg.debug.validate()
     model, par = cfg.model, cfg.parallel
 
     if model.num_attention_heads % par.tensor:
