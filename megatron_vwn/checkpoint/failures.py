@@ -1,9 +1,18 @@
 """A save that fails loses nothing: agreement, clean-up and the testing aid that causes one.
 
 Any rank may fail to write (disk full, permissions, an I/O error): the ranks agree on the
-failure (one all-reduce), rank 0 removes the partial ``iter_N`` directory, and the tracker, which
+failure (one all-gather), rank 0 removes the partial ``iter_N`` directory, and the tracker, which
 is only rewritten after a complete save, keeps naming the previous checkpoint.
 ``checkpoint.on_save_error`` then decides between stopping (exit status 5) and training on.
+
+Megatron-Core's save runs collectives between its file writes, and a rank whose write fails
+leaves them early, which would leave the others waiting. So before the save every rank reserves
+the space it is about to write (:func:`reserve_space`: ``posix_fallocate`` of its expected share
+in the new directory, then removed) and the ranks agree on the outcome: a full disk, a quota, a
+read-only or failing file system shows up there, on the ranks it concerns, before any
+collective of the save has started. A write that still fails later (the disk filled up during
+the save) ends the job within ``parallel.timeout_s`` instead, with the previous checkpoint still
+the latest.
 
 ``debug.save_error_at`` makes a save fail for real on the last rank: for the duration of the
 save its file-size limit (``RLIMIT_FSIZE``) is 0, so every write of a non-empty file is refused
@@ -14,7 +23,9 @@ Megatron-Core's writer, as a full disk would.
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
+import os
 import resource
 from collections.abc import Iterator
 from pathlib import Path
@@ -40,6 +51,37 @@ def injected_save_error(save_error_at: list[int], iteration: int) -> Iterator[No
         yield
     finally:
         resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+
+
+def local_bytes(state_dict: dict) -> int:
+    """Bytes of the tensors in a (sharded) state dict held by this rank."""
+    from megatron.core.dist_checkpointing.dict_utils import nested_values
+
+    total = 0
+    for value in nested_values(state_dict):
+        data = getattr(value, "data", None)
+        if isinstance(data, torch.Tensor):
+            total += data.numel() * data.element_size()
+    return total
+
+
+def reserve_space(directory: Path, nbytes: int) -> None:
+    """Reserve ``nbytes`` in ``directory`` and give them back: raises the ``OSError`` a write
+    would meet (ENOSPC, EDQUOT, EROFS, EACCES, EIO, EFBIG). File systems without
+    ``fallocate`` get a one-block write instead."""
+    probe = directory / f".space-check.tmp.{os.getpid()}"
+    fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        try:
+            os.posix_fallocate(fd, 0, max(nbytes, 1))
+        except OSError as exc:
+            if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+                raise
+            os.write(fd, b"\0" * 4096)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+        probe.unlink(missing_ok=True)
 
 
 def gather_errors(error: BaseException | None) -> list[tuple[int, str]]:

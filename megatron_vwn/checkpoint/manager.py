@@ -21,7 +21,7 @@ from functools import partial
 from pathlib import Path
 
 import torch
-from megatron.core import dist_checkpointing
+from megatron.core import dist_checkpointing, parallel_state
 
 from megatron_vwn import __version__
 from megatron_vwn.checkpoint.compat import check_model_fits
@@ -30,7 +30,9 @@ from megatron_vwn.checkpoint.failures import (
     describe_errors,
     gather_errors,
     injected_save_error,
+    local_bytes,
     remove_partial,
+    reserve_space,
 )
 from megatron_vwn.checkpoint.files import (
     CONFIG_FILE,
@@ -294,13 +296,24 @@ class CheckpointManager:
                 sharding=self._optimizer_format(model),
             ).to_dict()
             on_complete = partial(self._complete, iteration, path, layout, tick)
-            try:
-                with injected_save_error(self.cfg.debug.save_error_at, iteration):
+            with injected_save_error(self.cfg.debug.save_error_at, iteration):
+                try:  # the expected share of this rank: replicas are spread over DP ranks
+                    share = local_bytes(state_dict) // parallel_state.get_data_parallel_world_size()
+                    reserve_space(path, share + (1 << 20 if _is_rank0() else 0))
+                except OSError as exc:
+                    error = exc
+            if not any_rank(error is not None):
+                try:
                     saver.save(state_dict, path, content_metadata=dict(self.metadata),
                                on_complete=on_complete)
-            except Exception as exc:  # noqa: BLE001 - any rank's write error, agreed below
-                error = exc
+                except Exception as exc:  # noqa: BLE001 - any rank's write error, agreed below
+                    error = exc
         errors = gather_errors(error)
+        if not errors and not self.async_save:
+            try:
+                on_complete()  # raises on every rank alike
+            except OSError as exc:
+                errors = [(0, f"{type(exc).__name__}: {exc}")]
         if errors:
             return self._save_failed(iteration, path, errors, final)
         self.last_saved = iteration
@@ -318,8 +331,9 @@ class CheckpointManager:
         if self.ckpt.on_save_error == "stop" or final:
             why = "checkpoint.on_save_error=stop" if not final else "the run's last save"
             raise SaveFailed(f"{message} ({why})", report=_is_rank0())
-        logger.warning("%s; training on (checkpoint.on_save_error=continue), the next save is "
-                       "tried at the next interval", message)
+        if _is_rank0():
+            logger.warning("%s; training on (checkpoint.on_save_error=continue), the next save "
+                           "is tried at the next interval", message)
         return False
 
     def describe_latest(self) -> str:
