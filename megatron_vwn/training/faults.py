@@ -133,7 +133,7 @@ def naming_lost_ranks(latest: Callable[[], str]) -> Iterator[None]:
         watchdog = current_watchdog()
         if watchdog is None:
             raise
-        reasons = watchdog.lost_ranks() if isinstance(exc, RuntimeError) else []
+        reasons = _diagnose(watchdog) if isinstance(exc, RuntimeError) else []
         if not reasons:
             watchdog.mark_failed(exc)
             raise
@@ -177,6 +177,20 @@ class RunGuard:
             raise
         finally:
             destroy_distributed(healthy)
+
+
+def _diagnose(watchdog) -> list[str]:
+    """``watchdog.lost_ranks()``, undisturbed by the SIGTERM a launcher sends the survivors once
+    it sees a rank die (torchrun, srun: a grace period, then SIGKILL)."""
+    import signal
+
+    previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGTERM,
+                                                                     signal.SIGUSR1)}
+    try:
+        return watchdog.lost_ranks()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def any_rank(flag: bool) -> bool:
