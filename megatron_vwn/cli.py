@@ -21,6 +21,15 @@ from megatron_vwn.config.errors import ConfigError
 from megatron_vwn.config.loader import DEFAULT_CONFIG
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage errors end like every other refusal: one ``megatron-vwn: error:`` line, status 2."""
+
+    def error(self, message: str):
+        self.print_usage(sys.stderr)
+        command = self.prog.removeprefix("megatron-vwn").strip()
+        self.exit(2, f"megatron-vwn: error: {command + ': ' if command else ''}{message}\n")
+
+
 def _train_parser(sub) -> None:
     p = sub.add_parser("train", help="pretrain a model", description=__doc__,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -95,7 +104,7 @@ def cmd_convert(ns: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     from megatron_vwn import __version__
 
-    parser = argparse.ArgumentParser(prog="megatron-vwn", description=__doc__.splitlines()[0])
+    parser = _Parser(prog="megatron-vwn", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"megatron-vwn {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     _train_parser(sub)
