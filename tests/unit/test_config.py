@@ -58,6 +58,14 @@ CASES = [
     (["model.vwn.m=2", "model.vwn.n=4", "model.tie_embeddings=true"],
      "model.tie_embeddings=true cannot tie the V x D' table of model.vwn.embedding=wide"),
     (["model.vwn.connection=ghcx"], "model.vwn.connection ('ghcx') must be one of"),
+    # faults (docs/reliability.md)
+    (["train.nan_policy=ignore"], "train.nan_policy ('ignore') must be one of ['stop', 'skip']"),
+    (["train.max_skipped_steps=0"], "train.max_skipped_steps (0) must be > 0"),
+    (["parallel.timeout_s=0"], "parallel.timeout_s (0) must be > 0"),
+    (["checkpoint.on_save_error=retry"],
+     "checkpoint.on_save_error ('retry') must be one of ['stop', 'continue']"),
+    (["debug.nan_at=[3, 0]"], "debug.nan_at[1] (0) must be > 0"),
+    (["debug.save_error_at=x"], "debug.save_error_at: expected a list, got 'x'"),
 ]
 
 
