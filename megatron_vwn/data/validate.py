@@ -29,9 +29,10 @@ HEADER_BYTES = 34
 DTYPES = {1: np.uint8, 2: np.int8, 3: np.int16, 4: np.int32, 5: np.int64, 6: np.float64,
           7: np.float32, 8: np.uint16}
 """Megatron-Core's ``DType`` codes of ``indexed_dataset.py``."""
-FULL_SCAN_BYTES = 1 << 30
+FULL_SCAN_BYTES = 64 << 20
 WINDOW_BYTES = 1 << 20
-SAMPLE_WINDOWS = 64
+SAMPLE_WINDOWS = 16
+"""A blend of many large files costs at most 16 MiB of reading per file and rank start."""
 
 
 class DataError(ConfigError):

@@ -240,8 +240,7 @@ class NanPolicy:
         """Whether ``debug.nan_at`` asks for a NaN loss at ``iteration`` (1-based)."""
         return iteration in self.nan_at
 
-    def check(self, iteration: int, loss: float, skipped: bool, grad_norm: float | None,
-              last_checkpoint: str) -> None:
+    def check(self, iteration: int, loss: float, skipped: bool, last_checkpoint: str) -> None:
         """After step ``iteration``: raise :class:`NonFiniteLoss` when the run must stop.
 
         ``skipped`` says the update was dropped (a non-finite loss or gradient norm); the
@@ -250,7 +249,7 @@ class NanPolicy:
         if not skipped:
             self.consecutive = 0
             return
-        what = f"loss {loss}" if not math.isfinite(loss) else f"gradient norm {grad_norm}"
+        what = f"loss {loss}" if not math.isfinite(loss) else "gradient norm"
         where = f"the last good checkpoint is {last_checkpoint}"
         if self.policy == "stop":
             raise NonFiniteLoss(

@@ -255,7 +255,7 @@ class Trainer:
                 }, start_iteration=start)
                 window.clear()
             self.nan_policy.check(self.iteration, result.lm_loss, result.skipped,
-                                  result.grad_norm, self.checkpoints.describe_latest())
+                                  self.checkpoints.describe_latest())
             if self.has_valid and (self.iteration % cfg.train.eval_interval == 0 or last):
                 self.validate()
             if self._checkpoint_and_check_stop(last):
