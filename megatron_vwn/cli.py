@@ -16,12 +16,20 @@ environment. Bad input is reported as one line (exit status 2) before any proces
 from __future__ import annotations
 
 import argparse
-import subprocess
 import sys
 from collections.abc import Sequence
 
 from megatron_vwn.config.errors import ConfigError
 from megatron_vwn.config.loader import DEFAULT_CONFIG
+
+
+class _Parser(argparse.ArgumentParser):
+    """Usage errors end like every other refusal: one ``megatron-vwn: error:`` line, status 2."""
+
+    def error(self, message: str):
+        self.print_usage(sys.stderr)
+        command = self.prog.removeprefix("megatron-vwn").strip()
+        self.exit(2, f"megatron-vwn: error: {command + ': ' if command else ''}{message}\n")
 
 
 def _train_parser(sub) -> None:
@@ -57,7 +65,9 @@ def cmd_train(ns: argparse.Namespace) -> int:
             f"--nproc-per-node={ns.nproc}", "-m", "megatron_vwn.cli", "train",
             config_path, *overrides,
         ]
-        return subprocess.call(command)
+        from megatron_vwn.training.faults import launch_reporting_faults
+
+        return launch_reporting_faults(command)
 
     from megatron_vwn.training.trainer import run_training
 
@@ -102,7 +112,7 @@ def cmd_shape(ns: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     from megatron_vwn import __version__
 
-    parser = argparse.ArgumentParser(prog="megatron-vwn", description=__doc__.splitlines()[0])
+    parser = _Parser(prog="megatron-vwn", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"megatron-vwn {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     _train_parser(sub)
@@ -145,11 +155,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     handlers = {"train": cmd_train, "preprocess": cmd_preprocess, "checkpoint": cmd_checkpoint,
                 "slurm": cmd_slurm, "convert": cmd_convert, "shape": cmd_shape}
+    from megatron_vwn.training.faults import TrainingFault, report_fault
+
     try:
         return handlers[ns.command](ns) if ns.command in handlers else ns.run(ns)
     except ConfigError as exc:
-        print(f"megatron-vwn: error: {exc}", file=sys.stderr)
+        report_fault(2, str(exc))
         return 2
+    except TrainingFault as exc:  # NaN/Inf, a lost rank, a failed save: docs/reliability.md
+        if exc.report:
+            report_fault(exc.exit_code, str(exc))
+        return exc.exit_code
 
 
 if __name__ == "__main__":

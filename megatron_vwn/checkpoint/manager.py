@@ -21,11 +21,19 @@ from functools import partial
 from pathlib import Path
 
 import torch
-from megatron.core import dist_checkpointing
+from megatron.core import dist_checkpointing, parallel_state
 
 from megatron_vwn import __version__
 from megatron_vwn.checkpoint.compat import check_model_fits
 from megatron_vwn.checkpoint.errors import CheckpointError, CorruptCheckpointError
+from megatron_vwn.checkpoint.failures import (
+    describe_errors,
+    gather_errors,
+    injected_save_error,
+    local_bytes,
+    remove_partial,
+    reserve_space,
+)
 from megatron_vwn.checkpoint.files import (
     CONFIG_FILE,
     check_files,
@@ -56,6 +64,7 @@ from megatron_vwn.checkpoint.state import (
 from megatron_vwn.config import Config, dump_config, to_dict
 from megatron_vwn.config.errors import ConfigError
 from megatron_vwn.model.mcore_compat import load_common_state_dict
+from megatron_vwn.training.faults import SaveFailed, any_rank
 from megatron_vwn.training.optim import use_distributed_optimizer
 
 logger = logging.getLogger(__name__)
@@ -97,6 +106,8 @@ class CheckpointManager:
         self.distributed_optimizer = use_distributed_optimizer(cfg)
         self.metadata = sharding_metadata(self.distributed_optimizer)
         self.last_saved: int | None = None
+        self.last_complete: int | None = None
+        """Iteration of this run's newest complete checkpoint in ``run.dir/checkpoints``."""
         self._saver: Saver | None = None
 
     # ---------------------------------------------------------------- resume
@@ -219,7 +230,7 @@ class CheckpointManager:
                 logger.info("removed %d metrics rows logged after iteration %d (trained again)",
                             dropped, saved.state.iteration)
         if path.parent.resolve() == self.dir.resolve():
-            self.last_saved = saved.state.iteration
+            self.last_saved = self.last_complete = saved.state.iteration
         logger.info("resumed from %s at iteration %d (%.1f s)", path, saved.state.iteration,
                     time.perf_counter() - tick)
         return saved.state
@@ -248,55 +259,124 @@ class CheckpointManager:
         interval = self.ckpt.save_interval
         return bool(interval) and iteration % interval == 0
 
-    def save(self, state: RunState, model: list, optimizer, scheduler) -> None:
-        """Save a checkpoint of ``state`` (all ranks). Skipped if this iteration is on disk."""
+    def save(self, state: RunState, model: list, optimizer, scheduler,
+             final: bool = False) -> bool:
+        """Save a checkpoint of ``state`` (all ranks). Skipped if this iteration is on disk.
+
+        Returns False when the save failed on some rank and ``checkpoint.on_save_error`` is
+        ``continue`` (the partial directory is removed, the previous checkpoint stays the
+        latest); raises :class:`SaveFailed` (on every rank) when it is ``stop``, or when this is
+        the ``final`` save of the run (end of training, a stop signal: no later save to retry).
+        """
         iteration = state.iteration
         if iteration == self.last_saved:
-            return
+            return True
         saver = self._get_saver()
         saver.poll(blocking=True)  # one save in flight at most
         tick = time.perf_counter()
         path = self.dir / iter_dir_name(iteration)
+        error = None
         if _is_rank0():
-            if path.exists():  # left by a save that did not finish, or not tracked
-                remove_dir(path)
-            path.mkdir(parents=True)
-        torch.distributed.barrier()
-
-        state_dict = model_sharded_state_dict(model, self.metadata)
-        state_dict["optimizer"] = optimizer_sharded_state_dict(
-            optimizer, dict(state_dict), self.metadata, is_loading=False
-        )
-        state_dict["rng_state"] = rng_sharded_object(capture_rng())
-        state_dict["opt_param_scheduler"] = scheduler.state_dict()
-        layout = Layout.current()
-        state_dict["run"] = SavedRun(
-            state=state, layout=layout, padded_vocab_size=self.padded_vocab_size,
-            config=to_dict(self.cfg), version=__version__, sharding=self._optimizer_format(model),
-        ).to_dict()
-        on_complete = partial(self._complete, iteration, path, layout, tick)
-        saver.save(state_dict, path, content_metadata=dict(self.metadata), on_complete=on_complete)
+            try:
+                if path.exists():  # left by a save that did not finish, or not tracked
+                    remove_dir(path)
+                path.mkdir(parents=True)
+            except OSError as exc:
+                error = exc
+        if not any_rank(error is not None):
+            state_dict = model_sharded_state_dict(model, self.metadata)
+            state_dict["optimizer"] = optimizer_sharded_state_dict(
+                optimizer, dict(state_dict), self.metadata, is_loading=False
+            )
+            state_dict["rng_state"] = rng_sharded_object(capture_rng())
+            state_dict["opt_param_scheduler"] = scheduler.state_dict()
+            layout = Layout.current()
+            state_dict["run"] = SavedRun(
+                state=state, layout=layout, padded_vocab_size=self.padded_vocab_size,
+                config=to_dict(self.cfg), version=__version__,
+                sharding=self._optimizer_format(model),
+            ).to_dict()
+            on_complete = partial(self._complete, iteration, path, layout, tick)
+            with injected_save_error(self.cfg.debug.save_error_at, iteration):
+                try:  # the expected share of this rank: replicas are spread over DP ranks
+                    share = local_bytes(state_dict) // parallel_state.get_data_parallel_world_size()
+                    reserve_space(path, share + (1 << 20 if _is_rank0() else 0))
+                except OSError as exc:
+                    error = exc
+            if not any_rank(error is not None):
+                try:
+                    saver.save(state_dict, path, content_metadata=dict(self.metadata),
+                               on_complete=on_complete)
+                except Exception as exc:  # noqa: BLE001 - any rank's write error, agreed below
+                    error = exc
+        errors = gather_errors(error)
+        if not errors and not self.async_save:
+            try:
+                on_complete()  # raises on every rank alike
+            except OSError as exc:
+                errors = [(0, f"{type(exc).__name__}: {exc}")]
+        if errors:
+            return self._save_failed(iteration, path, errors, final)
         self.last_saved = iteration
+        return True
+
+    def _save_failed(self, iteration: int, path: Path, errors: list[tuple[int, str]],
+                     final: bool) -> bool:
+        """Every rank: remove the partial directory (rank 0), then stop or warn and go on."""
+        if _is_rank0():
+            remove_partial(path)
+        torch.distributed.barrier()
+        message = (f"saving checkpoint {path} failed {describe_errors(errors)}; its partial "
+                   f"directory is removed and the latest checkpoint is still "
+                   f"{self.describe_latest()}")
+        if self.ckpt.on_save_error == "stop" or final:
+            why = "checkpoint.on_save_error=stop" if not final else "the run's last save"
+            raise SaveFailed(f"{message} ({why})", report=_is_rank0())
+        if _is_rank0():
+            logger.warning("%s; training on (checkpoint.on_save_error=continue), the next save "
+                           "is tried at the next interval", message)
+        return False
+
+    def describe_latest(self) -> str:
+        """The newest complete checkpoint of this run, for messages."""
+        if self.last_complete is None:
+            return "none (no checkpoint of this run yet: a restart starts from the beginning)"
+        return f"{self.dir / iter_dir_name(self.last_complete)} (iteration {self.last_complete})"
 
     def _complete(self, iteration: int, path: Path, layout: Layout, tick: float) -> None:
-        """After every rank finished writing: manifest (marks it complete), tracker, retention."""
+        """After every rank finished writing: manifest (marks it complete), tracker, retention.
+
+        A rank-0 file error here (disk full) is raised on every rank, like a write error."""
         rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+        error = None
         if rank == 0:
-            dump_config(self.cfg, path / CONFIG_FILE)
-        names = _broadcast(data_files(path) if rank == 0 else None)
+            try:
+                dump_config(self.cfg, path / CONFIG_FILE)
+            except OSError as exc:
+                error = exc
+        names = _broadcast(data_files(path) if rank == 0 and error is None else None)
+        if names is None:
+            raise error if error is not None else OSError(f"could not list {path}")
         described = describe_files(path, names[rank::world])
         gathered = [None] * world
         torch.distributed.all_gather_object(gathered, described)
         if rank == 0:
             files = {name: info for part in gathered for name, info in part.items()}
-            write_manifest(path, {
-                "iteration": iteration,
-                "version": __version__,
-                "layout": layout.__dict__,
-                "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                "files": files,
-            })
-            write_tracker(self.dir, iteration)
+            try:
+                write_manifest(path, {
+                    "iteration": iteration,
+                    "version": __version__,
+                    "layout": layout.__dict__,
+                    "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                    "files": files,
+                })
+                write_tracker(self.dir, iteration)
+            except OSError as exc:
+                error = exc
+        if any_rank(error is not None):
+            raise error if error is not None else OSError("rank 0 could not complete the save")
+        self.last_complete = iteration
+        if rank == 0:
             apply_retention(self.dir, iteration, self.ckpt.keep_last, self.ckpt.keep_every)
             size = sum(info["bytes"] for info in files.values())
             logger.info("saved checkpoint %s (%.1f MB, %.1f s)", path, size / 1e6,

@@ -60,15 +60,16 @@ class Saver:
     def save(
         self, state_dict: dict, path: Path, content_metadata: dict, on_complete: Callable[[], None]
     ) -> None:
-        """Save ``state_dict`` into the existing directory ``path``; ``on_complete`` runs on every
-        rank once all ranks have written (now, or later from :meth:`poll` when async)."""
+        """Save ``state_dict`` into the existing directory ``path``. Synchronous: returns once
+        this rank has written, and the caller runs ``on_complete`` after the ranks agree that
+        all of them succeeded. Asynchronous: ``on_complete`` runs on every rank from
+        :meth:`poll` once all ranks have written."""
         if not self.async_save:
             _use_in_process_results_queue()
             dist_checkpointing.save(
                 state_dict, str(path), sharded_strategy=self._get_strategy(),
                 content_metadata=content_metadata,
             )
-            on_complete()
             return
         request = dist_checkpointing.save(
             state_dict, str(path), sharded_strategy=self._get_strategy(),

@@ -49,8 +49,11 @@ def _load_yaml(file: Path, seen: tuple[Path, ...] = ()) -> dict:
     config name) is loaded first and this file's sections are merged over it."""
     if file.resolve() in seen:
         raise ConfigError(f"{file}: 'base' chain loops back to {file.name}")
-    with open(file) as f:
-        loaded = yaml.safe_load(f) or {}
+    try:
+        with open(file, encoding="utf-8") as f:
+            loaded = yaml.safe_load(f) or {}
+    except (yaml.YAMLError, UnicodeDecodeError, RecursionError) as exc:
+        raise ConfigError(f"{file}: not valid YAML: {_one_line(exc)}") from None
     if not isinstance(loaded, dict):
         raise ConfigError(f"{file}: top level must be a mapping of sections, got {loaded!r}")
     base = loaded.pop("base", None)
@@ -78,9 +81,14 @@ def parse_override(item: str) -> tuple[str, Any]:
     key, text = item.split("=", 1)
     try:
         value = yaml.safe_load(text) if text != "" else ""
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{key}: cannot parse value {text!r}: {exc}") from None
+    except (yaml.YAMLError, RecursionError) as exc:
+        raise ConfigError(f"{key}: cannot parse value {text!r}: {_one_line(exc)}") from None
     return key.strip(), value
+
+
+def _one_line(exc: BaseException) -> str:
+    """A parser's multi-line message (YAML marks, carets) as one line."""
+    return " ".join(str(exc).split()) or type(exc).__name__
 
 
 def _set_dotted(raw: dict, key: str, value: Any) -> None:
@@ -100,7 +108,7 @@ def from_dict(raw: dict, cls: type = Config, prefix: str = "") -> Any:
         raise ConfigError(f"{prefix.rstrip('.') or 'config'} must be a mapping, got {raw!r}")
     fields = {f.name: f for f in dataclasses.fields(cls)}
     hints = typing.get_type_hints(cls)
-    unknown = sorted(set(raw) - set(fields))
+    unknown = sorted((key for key in raw if key not in fields), key=str)  # YAML keys: any type
     if unknown:
         raise ConfigError(
             f"unknown config key {prefix}{unknown[0]}; allowed keys"

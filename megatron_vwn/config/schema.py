@@ -264,8 +264,12 @@ class ParallelConfig:
     sequence_parallel: bool = False
     distributed_optimizer: bool | None = None
     """Shard optimizer state over data-parallel ranks; None means on with CUDA, off on CPU."""
+    timeout_s: int | None = None
+    """Seconds a rank waits for a silent peer (heartbeats, collectives) before the job stops
+    naming the lost rank; None means 600 on GPU, 300 on CPU (docs/reliability.md)."""
 
     def validate(self) -> None:
+        _positive("parallel.timeout_s", self.timeout_s)
         _positive("parallel.tensor", self.tensor)
         _positive("parallel.pipeline", self.pipeline)
         _positive("parallel.virtual_pipeline", self.virtual_pipeline)
@@ -311,8 +315,17 @@ class TrainConfig:
     """fixed: every evaluation scores the same held-out tokens (the first ``eval_iters`` global
     batches of the validation split), comparable across iterations, runs and widths; rolling:
     each evaluation reads the next ``eval_iters`` batches of a cyclic validation stream."""
+    nan_policy: Literal["stop", "skip"] = "stop"
+    """A non-finite loss or gradient norm never updates the weights. stop: exit (status 3)
+    naming the iteration and the last good checkpoint; skip: drop that step's update, log its
+    row with ``skipped: true`` and go on (docs/reliability.md)."""
+    max_skipped_steps: int = 10
+    """With nan_policy=skip: stop (as with stop) after this many consecutive skipped steps."""
 
     def validate(self) -> None:
+        _positive("train.max_skipped_steps", self.max_skipped_steps)
+        if self.nan_policy not in ("stop", "skip"):
+            raise ConfigError(f"train.nan_policy ({self.nan_policy!r}) must be 'stop' or 'skip'")
         for key in ("iters", "micro_batch_size", "global_batch_size"):
             _positive(f"train.{key}", getattr(self, key))
         _positive("train.lr", self.lr)
@@ -429,6 +442,7 @@ class Config:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     checkpoint: CheckpointConfig = field(default_factory=lambda: CheckpointConfig())
     analysis: AnalysisConfig = field(default_factory=AnalysisConfig)
+    debug: DebugConfig = field(default_factory=lambda: DebugConfig())
 
 
 @dataclass
@@ -451,8 +465,15 @@ class CheckpointConfig:
     """Also keep every checkpoint whose iteration is a multiple of this; None: no such rule."""
     async_save: bool | None = None
     """Write in the background while training continues; None means on with CUDA (GPU only)."""
+    on_save_error: Literal["stop", "continue"] = "stop"
+    """A save that fails (disk full, permissions, I/O error) is removed and the previous
+    checkpoint stays the latest. stop: exit (status 5); continue: warn, keep training and save
+    again at the next interval."""
 
     def validate(self) -> None:
+        if self.on_save_error not in ("stop", "continue"):
+            raise ConfigError(f"checkpoint.on_save_error ({self.on_save_error!r}) must be "
+                              f"'stop' or 'continue'")
         _positive("checkpoint.save_interval", self.save_interval, allow_zero=True)
         _positive("checkpoint.keep_last", self.keep_last)
         _positive("checkpoint.keep_every", self.keep_every)
@@ -460,3 +481,20 @@ class CheckpointConfig:
             raise ConfigError(f"checkpoint.resume ({self.resume!r}) must be 'auto' or 'never'")
         if self.weights_only and not self.load:
             raise ConfigError("checkpoint.weights_only=true needs checkpoint.load (a path)")
+
+
+@dataclass
+class DebugConfig:
+    """Testing aids: inject faults on purpose to see what a run does with them
+    (docs/reliability.md). Leave empty in real runs."""
+
+    nan_at: list[int] = field(default_factory=list)
+    """Make the loss of these iterations NaN on every rank (and so its gradients)."""
+    save_error_at: list[int] = field(default_factory=list)
+    """Make the saves of these iterations fail on the last rank with a real write error: its
+    file-size limit is lowered to 0 for the save, so the kernel refuses the write (EFBIG)."""
+
+    def validate(self) -> None:
+        for key in ("nan_at", "save_error_at"):
+            for index, iteration in enumerate(getattr(self, key)):
+                _positive(f"debug.{key}[{index}]", iteration)

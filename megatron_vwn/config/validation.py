@@ -18,6 +18,7 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
     cfg.logging.validate()
     cfg.checkpoint.validate()
     cfg.analysis.validate()
+    cfg.debug.validate()
     model, par = cfg.model, cfg.parallel
     if cfg.analysis.interaction_interval and model.mtp.num_layers:
         raise ConfigError(

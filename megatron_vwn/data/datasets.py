@@ -89,6 +89,17 @@ def _no_training_documents(cfg: DataConfig, index: int, path: str, count: int) -
     )
 
 
+def _check_files(paths: list[str], tokenizer_model: str) -> None:
+    """Every ``.bin``/``.idx`` pair intact, non-empty and within the tokenizer's vocabulary
+    (``data/validate.py``): one line naming the file otherwise."""
+    from megatron_vwn.data.tokenizer import check_tokenizer_model
+    from megatron_vwn.data.validate import check_indexed_dataset
+
+    vocab = check_tokenizer_model(tokenizer_model).get_piece_size()
+    for index, path in enumerate(paths):
+        check_indexed_dataset(path, vocab, f"data.paths[{index}]")
+
+
 def _check_split(cfg: DataConfig, paths: list[str]) -> None:
     """Fail early (before any process group) if the split leaves a dataset without training
     documents. ``build_datasets`` repeats the check with Megatron's own bounds."""
@@ -150,13 +161,16 @@ def prepare_data(cfg: DataConfig) -> PreparedData:
     setup costs a ``stat``. Safe when several processes call it at once.
 
     With ``cfg.paths`` set it only checks that every ``PREFIX.bin`` / ``PREFIX.idx`` and
-    ``cfg.tokenizer_model`` exist. Problems raise :class:`ConfigError` naming the key.
+    ``cfg.tokenizer_model`` exist. Either way the data files are then checked for damage and
+    against the tokenizer's vocabulary (``data/validate.py``). Problems raise
+    :class:`ConfigError` naming the key and the file.
     Never touches ``torch.distributed``.
     """
     cfg.validate()
     cache_dir = resolve_cache_dir(cfg.cache_dir)
     if not cfg.paths:
         prepared = _prepare_bundled(cfg, cache_dir)
+        _check_files(prepared.paths, prepared.tokenizer_model)
         _check_split(cfg, prepared.paths)
         return prepared
     paths = [_check_prefix(i, p) for i, p in enumerate(cfg.paths)]
@@ -164,6 +178,7 @@ def prepare_data(cfg: DataConfig) -> PreparedData:
         cfg.tokenizer_model,
         "when data.paths is set: the SentencePiece .model the data was preprocessed with",
     )
+    _check_files(paths, model)
     _check_split(cfg, paths)
     weights = [float(w) for w in cfg.weights] if cfg.weights is not None else None
     return PreparedData(tokenizer_model=model, paths=paths, weights=weights, cache_dir=cache_dir)

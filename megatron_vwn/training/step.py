@@ -8,6 +8,7 @@ batch whatever the layout.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import partial
@@ -48,12 +49,17 @@ def mtp_loss_mask(loss_mask: torch.Tensor, labels: torch.Tensor, depths: int,
 
 
 def loss_func(loss_mask: torch.Tensor, mtp_mask: torch.Tensor | None,
-              mtp_losses: list[torch.Tensor], output_tensor: torch.Tensor):
+              mtp_losses: list[torch.Tensor], output_tensor: torch.Tensor,
+              inject_nan: bool = False):
     """Per-token cross entropy ``[b, s]`` -> (sum, token count, report for logging).
 
     The report holds ``[loss sum, token count]`` for the main loss and for every MTP depth (whose
-    gradient ``GPTModel`` has already injected through ``MTPLossAutoScaler``).
+    gradient ``GPTModel`` has already injected through ``MTPLossAutoScaler``). ``inject_nan``
+    (``debug.nan_at``) multiplies the per-token loss by NaN, so the loss and every gradient of
+    the step are NaN, as after a real divergence.
     """
+    if inject_nan:
+        output_tensor = output_tensor * float("nan")
     mask = loss_mask.reshape(-1).float()
     loss_sum = torch.sum(output_tensor.float().reshape(-1) * mask)
     num_tokens = mask.sum().to(torch.int)
@@ -76,6 +82,8 @@ class ForwardStep:
     def __init__(self, mtp_depths: int = 0, eod: int | None = None):
         self.mtp_depths = mtp_depths
         self.eod = eod
+        self.inject_nan = False
+        """Set for one training step by :func:`train_step` (``debug.nan_at``)."""
 
     def __call__(self, data_iterator: Iterator | None, model: torch.nn.Module):
         batch = next(data_iterator) if data_iterator is not None else None
@@ -89,12 +97,13 @@ class ForwardStep:
             )
         if not self.mtp_depths:
             output = model(tokens, position_ids, None, labels=labels)
-            return output, partial(loss_func, loss_mask, None, [])
+            return output, partial(loss_func, loss_mask, None, [], inject_nan=self.inject_nan)
         mtp_mask = mtp_loss_mask(loss_mask, labels, self.mtp_depths, self.eod)
         output = model(tokens, position_ids, None, labels=labels, loss_mask=mtp_mask)
         recorder = get_attr_wrapped_model(model, "compute_language_model_loss")
         mtp_losses = recorder.take() if isinstance(recorder, MTPLossRecorder) else []
-        return output, partial(loss_func, loss_mask, mtp_mask, mtp_losses)
+        return output, partial(loss_func, loss_mask, mtp_mask, mtp_losses,
+                               inject_nan=self.inject_nan)
 
 
 @dataclass
@@ -104,6 +113,7 @@ class StepResult:
     tokens: int
     grad_norm: float | None = None
     skipped: bool = False
+    """The update was dropped: a non-finite loss or gradient norm (training/faults.py)."""
 
     @property
     def lm_loss(self) -> float:
@@ -159,15 +169,28 @@ def _reduce_losses(outputs: list[dict], keys: list[str]) -> tuple[dict[str, floa
 
 
 def train_step(model_chunks: list, optimizer, scheduler, data_iterators: list,
-               schedule: Schedule) -> StepResult:
-    """Zero grads, forward/backward all micro-batches, reduce grads, clip, step, advance LR."""
+               schedule: Schedule, inject_nan: bool = False) -> StepResult:
+    """Zero grads, forward/backward all micro-batches, reduce grads, clip, step, advance LR.
+
+    A non-finite loss (the same on every rank) skips the optimizer; a non-finite gradient norm
+    makes the guarded optimizer drop the update (``faults.guard_optimizer``): either way the
+    weights, optimizer state and LR stay as they were and the result says ``skipped``.
+    ``inject_nan`` makes this step's loss NaN (``debug.nan_at``).
+    """
     # GPTModel also accumulates MTP losses in Megatron's global logging tracker; we report our
     # own token-weighted per-depth losses, so keep that tracker from growing (or going stale).
     MTPLossLoggingHelper.tracker.clear()
     for chunk in model_chunks:
         chunk.zero_grad_buffer()
     optimizer.zero_grad()
-    losses, tokens = run_schedule(model_chunks, data_iterators, schedule, forward_only=False)
+    schedule.forward_step.inject_nan = inject_nan
+    try:
+        losses, tokens = run_schedule(model_chunks, data_iterators, schedule,
+                                      forward_only=False)
+    finally:
+        schedule.forward_step.inject_nan = False
+    if not all(math.isfinite(value) for value in losses.values()):
+        return StepResult(losses=losses, tokens=tokens, grad_norm=None, skipped=True)
     success, grad_norm, _ = optimizer.step()
     if success:
         scheduler.step(increment=1)

@@ -32,9 +32,10 @@ from megatron_vwn.launch.env import DistEnv, resolve_dist_env
 from megatron_vwn.log import setup_logging, silence_expected_warnings
 from megatron_vwn.model.accounting import flops_per_token, format_summary
 from megatron_vwn.model.builder import build_model, padded_vocab_size
-from megatron_vwn.parallel.distributed import destroy_distributed, initialize_distributed
+from megatron_vwn.parallel.distributed import initialize_distributed
 from megatron_vwn.parallel.pipeline import tensor_shape_adjuster
 from megatron_vwn.training.evaluation import HeldOut, valid_samples_needed
+from megatron_vwn.training.faults import NanPolicy, RunGuard, guard_optimizer, lost_rank_reporter
 from megatron_vwn.training.metrics import MetricsWriter
 from megatron_vwn.training.optim import build_optimizer, build_scheduler, use_distributed_optimizer
 from megatron_vwn.training.signals import StopSignals
@@ -105,7 +106,8 @@ class Trainer:
         self.signals = StopSignals()
         self.signals.install()  # from the start: a preemption during set-up also saves and exits
 
-        initialize_distributed(cfg, dist)
+        initialize_distributed(cfg, dist, on_lost=lost_rank_reporter(
+            self.checkpoints.describe_latest))
         self._prepare_run_dir()
 
         unwrapped = build_model(cfg, self.vocab_size)
@@ -113,6 +115,8 @@ class Trainer:
         self.model = wrap_ddp(cfg, unwrapped)
         config = unwrapped[0].config
         self.optimizer = build_optimizer(cfg, self.model, bf16=config.bf16)
+        guard_optimizer(self.optimizer)  # a non-finite gradient norm never updates the weights
+        self.nan_policy = NanPolicy.of(cfg.train, cfg.debug)
         self.scheduler = build_scheduler(cfg, self.optimizer)
         config.grad_scale_func = self.optimizer.scale_loss
 
@@ -189,7 +193,8 @@ class Trainer:
     def step(self) -> StepResult:
         """One optimizer step over one global batch."""
         return train_step(
-            self.model, self.optimizer, self.scheduler, self.train_iterators, self.schedule
+            self.model, self.optimizer, self.scheduler, self.train_iterators, self.schedule,
+            inject_nan=self.nan_policy.inject(self.iteration + 1),
         )
 
     def tokens_per_iteration(self) -> int:
@@ -207,7 +212,8 @@ class Trainer:
         """Save when due, at the end, or on SIGTERM/SIGUSR1; True when the run must stop now."""
         stop = self.signals.stop_requested()
         if stop or last or self.checkpoints.due(self.iteration):
-            self.checkpoints.save(self.run_state(), self.model, self.optimizer, self.scheduler)
+            self.checkpoints.save(self.run_state(), self.model, self.optimizer, self.scheduler,
+                                  final=stop or last)
         else:
             self.checkpoints.poll()
         if stop:
@@ -249,6 +255,8 @@ class Trainer:
                     "skipped": result.skipped,
                 }, start_iteration=start)
                 window.clear()
+            self.nan_policy.check(self.iteration, result.lm_loss, result.skipped,
+                                  self.checkpoints.describe_latest())
             if self.has_valid and (self.iteration % cfg.train.eval_interval == 0 or last):
                 self.validate()
             interaction.after_step(self.iteration, last)
@@ -276,9 +284,10 @@ def run_training(cfg: Config, dist: DistEnv | None = None) -> None:
     """Entry point of one rank: validate, train, tear down."""
     dist = dist or resolve_dist_env()
     validate(cfg, dist.world_size)
-    trainer = Trainer(cfg, dist)
-    try:
-        trainer.train()
-    finally:
-        trainer.close()
-        destroy_distributed()
+    with RunGuard().guard() as run:  # a lost rank is named; process groups torn down
+        trainer = Trainer(cfg, dist)
+        run.latest = trainer.checkpoints.describe_latest
+        try:
+            trainer.train()
+        finally:
+            trainer.close()

@@ -5,7 +5,9 @@ PLATFORM.md) runs ``slurm/train.sbatch`` and ``megatron-vwn slurm``:
 2. a job preempted with USR1 (``scancel --signal=USR1 --batch``, what ``--signal=B:USR1@GRACE``
    sends before the time limit): it saves, exits 0, requeues itself, resumes from its checkpoint
    and finishes with every iteration logged once, row for row equal to the uninterrupted run;
-3. ``megatron-vwn slurm sweep tiny --widths 1,2``: both runs finish, same everything but m/n.
+3. ``megatron-vwn slurm sweep tiny --widths 1,2``: both runs finish, same everything but m/n;
+4. a rank killed with SIGKILL on the second node: the job fails (not requeued) with a line naming
+   the lost rank and the latest checkpoint; a resubmission resumes from it.
 
 The cluster tests skip, saying why, where SLURM cannot run (not installed, not root). The
 planning tests at the top need no cluster.
@@ -285,3 +287,62 @@ def test_sweep_of_widths_1_and_2_runs_both_jobs(cluster, workdir, two_node_run, 
 
 def test_sbatch_script_is_valid_bash():
     subprocess.run(["bash", "-n", str(SBATCH_SCRIPT)], check=True)
+
+
+def _rank_process(job_id: str, rank: int):
+    """The training process of ``rank`` in job ``job_id`` (any emulated node: same machine)."""
+    import psutil
+
+    for proc in psutil.process_iter():
+        try:
+            env = proc.environ()
+            if env.get("SLURM_JOB_ID") == job_id and env.get("RANK") == str(rank) \
+                    and "megatron_vwn.cli" in " ".join(proc.cmdline()):
+                return proc
+        except (psutil.AccessDenied, psutil.NoSuchProcess, psutil.ZombieProcess):
+            continue
+    return None
+
+
+@pytest.mark.slow
+def test_killed_rank_fails_the_job_naming_it_and_a_resubmission_resumes(
+        cluster, workdir, two_node_run, data_cache):
+    # two_node_run has built the data indices (same data, seed and sample counts are not
+    # needed: a longer run builds its own, once).
+    run_dir = workdir / "dead-rank"
+    common = ["tiny", "logging.interval=1", "train.eval_interval=0", "logging.wandb=off",
+              "checkpoint.save_interval=3", "parallel.timeout_s=60", f"run.dir={run_dir}",
+              f"data.cache_dir={data_cache}"]
+    job = _submit_script(cluster, workdir, ["--nodes=2", "--job-name=dead-rank"],
+                         [*common, "train.iters=2000"])
+    tracker = run_dir / "checkpoints" / "latest_checkpointed_iteration.txt"
+    metrics = run_dir / "metrics.jsonl"
+    deadline = time.monotonic() + JOB_TIMEOUT
+    while not (tracker.is_file() and metrics.is_file()
+               and len(metrics.read_text().splitlines()) >= 5):
+        assert time.monotonic() < deadline, _log(workdir, job)
+        assert cluster.job_info(job)["JobState"] in ("PENDING", "RUNNING"), _log(workdir, job)
+        time.sleep(0.2)
+    victim = _rank_process(job, 1)
+    assert victim is not None, _log(workdir, job)
+    victim.kill()  # SIGKILL, on the second node
+    killed_at = time.monotonic()
+    info = cluster.wait_job(job, 120)  # generous: the job ends within seconds
+    assert time.monotonic() - killed_at < 120
+    log = _log(workdir, job)
+    assert info["JobState"] == "FAILED" and info["ExitCode"] != "0:0", (info, log[-6000:])
+    assert info.get("Restarts", "0") == "0"  # a failed job is not requeued
+    latest = int(tracker.read_text())
+    path = run_dir / "checkpoints" / f"iter_{latest:07d}"
+    lines = [ln for ln in log.splitlines() if "megatron-vwn: error:" in ln]
+    assert any("rank 1 is lost" in ln and f"the latest checkpoint is {path}" in ln
+               for ln in lines), log[-6000:]
+    assert "training failed (exit status" in log
+
+    job = _submit_script(cluster, workdir, ["--nodes=2", "--job-name=dead-rank-again"],
+                         [*common, f"train.iters={latest + 2}"])
+    info = cluster.wait_job(job, JOB_TIMEOUT)
+    _assert_completed(info, workdir, job)
+    assert f"resumed from {path} at iteration {latest}" in _log(workdir, job)
+    train = _rows(run_dir)
+    assert [row["iteration"] for row in train] == list(range(1, latest + 3))

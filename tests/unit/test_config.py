@@ -97,6 +97,14 @@ CASES = [
      "model.vwn.group_norm=on applies to model.vwn.connection=ghc only (got mhc)"),
     (["model.vwn.altup.selection=odd"], "model.vwn.altup.selection ('odd') must be one of"),
     (["model.vwn.mhc.reduce=max"], "model.vwn.mhc.reduce ('max') must be one of"),
+    # faults (docs/reliability.md)
+    (["train.nan_policy=ignore"], "train.nan_policy ('ignore') must be one of ['stop', 'skip']"),
+    (["train.max_skipped_steps=0"], "train.max_skipped_steps (0) must be > 0"),
+    (["parallel.timeout_s=0"], "parallel.timeout_s (0) must be > 0"),
+    (["checkpoint.on_save_error=retry"],
+     "checkpoint.on_save_error ('retry') must be one of ['stop', 'continue']"),
+    (["debug.nan_at=[3, 0]"], "debug.nan_at[1] (0) must be > 0"),
+    (["debug.save_error_at=x"], "debug.save_error_at: expected a list, got 'x'"),
 ]
 
 
