@@ -165,6 +165,28 @@ class _DynamicWrite(torch.autograd.Function):
         return grad_carry_t, grad_write_t, grad_blocks, grad_state
 
 
+def resolve_kernel(kernel: str) -> str:
+    """``model.vwn.kernel``: ``auto`` is ``triton`` on CUDA when Triton imports, else ``torch``."""
+    if kernel != "auto":
+        return kernel
+    if not torch.cuda.is_available():
+        return "torch"
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return "torch"
+    return "triton"
+
+
+def _dynamic_functions(kernel: str):
+    """The (read, write) autograd functions of a kernel; Triton is imported only here."""
+    if kernel == "triton":
+        from megatron_vwn.model.width.ghc_triton import TritonRead, TritonWrite
+
+        return TritonRead, TritonWrite
+    return _DynamicRead, _DynamicWrite
+
+
 class GHC(torch.nn.Module):
     """One generalized hyper-connection module (static + optional dynamic coefficients).
 
@@ -176,13 +198,14 @@ class GHC(torch.nn.Module):
 
     def __init__(self, m: int, n: int, d_b: int, init: GHCInit, dynamic: bool = True,
                  eps: float = 1e-6, recompute_coefficients: bool = False,
-                 dtype: torch.dtype = torch.float32, device=None):
+                 dtype: torch.dtype = torch.float32, device=None, kernel: str = "torch"):
         super().__init__()
         self.m, self.n, self.d_b = m, n, d_b
         self.dynamic = dynamic
         self.eps = eps
         self.tau = init.tau
         self.recompute_coefficients = recompute_coefficients
+        self.kernel = resolve_kernel(kernel)
         kwargs = dict(dtype=dtype, device=device)
 
         def param(value: torch.Tensor, decay: bool) -> torch.nn.Parameter:
@@ -222,8 +245,9 @@ class GHC(torch.nn.Module):
         state = hidden.reshape(s * b, self.n, self.d_b)  # [T, n, d_b]
         if self.dynamic:
             recompute = self.recompute_coefficients and torch.is_grad_enabled()
-            x, carry_t, write_t = _DynamicRead.apply(state, *self._fused_operands(), self.m,
-                                                     self.eps, recompute)
+            read_fn, _ = _dynamic_functions(self.kernel)
+            x, carry_t, write_t = read_fn.apply(state, *self._fused_operands(), self.m,
+                                                self.eps, recompute)
         else:
             carry_t, write_t = self.static_carry.t(), self.static_write.t()
             x = torch.matmul(self.static_read.t(), state)
@@ -235,10 +259,12 @@ class GHC(torch.nn.Module):
         s, b, _ = output.shape
         blocks = output.reshape(s * b, self.m, self.d_b)  # [T, m, d_b]
         if self.dynamic:
-            new = _DynamicWrite.apply(carry_t, write_t, blocks, state)
+            _, write_fn = _dynamic_functions(self.kernel)
+            new = write_fn.apply(carry_t, write_t, blocks, state)
         else:
             new = torch.matmul(write_t, blocks) + torch.matmul(carry_t, state)
         return new.reshape(s, b, self.n * self.d_b)
 
     def extra_repr(self) -> str:
-        return f"m={self.m}, n={self.n}, d_b={self.d_b}, dynamic={self.dynamic}, tau={self.tau:g}"
+        return (f"m={self.m}, n={self.n}, d_b={self.d_b}, dynamic={self.dynamic}, "
+                f"tau={self.tau:g}, kernel={self.kernel}")

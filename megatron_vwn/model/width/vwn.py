@@ -36,6 +36,8 @@ class VWNShape:
     group_norm: bool
     recompute_coefficients: bool
     output_init_scale: float
+    kernel: str = "torch"
+    """Dynamic GHC implementation (``model.vwn.kernel``, resolved in ``ghc.resolve_kernel``)."""
 
     @classmethod
     def from_config(cls, vwn: VwnConfig, hidden_size: int) -> VWNShape:
@@ -46,7 +48,7 @@ class VWNShape:
                    embedding=vwn.embedding, dynamic=vwn.dynamic,
                    group_norm=vwn.use_group_norm,
                    recompute_coefficients=vwn.recompute_coefficients,
-                   output_init_scale=scale)
+                   output_init_scale=scale, kernel=vwn.kernel)
 
     @property
     def d_b(self) -> int:
@@ -65,7 +67,7 @@ class VWNShape:
             init = vwn_init(self.m, self.n, self.d_b)
         return GHC(self.m, self.n, self.d_b, init, dynamic=self.dynamic,
                    recompute_coefficients=self.recompute_coefficients, dtype=dtype,
-                   device=device)
+                   device=device, kernel=self.kernel)
 
 
 def get_bias_dropout(training: bool, fused: bool):
