@@ -58,6 +58,8 @@ CASES = [
     (["model.vwn.m=2", "model.vwn.n=4", "model.tie_embeddings=true"],
      "model.tie_embeddings=true cannot tie the V x D' table of model.vwn.embedding=wide"),
     (["model.vwn.connection=ghcx"], "model.vwn.connection ('ghcx') must be one of"),
+    (["model.vwn.kernel=cuda"], "model.vwn.kernel ('cuda') must be one of"),
+    (["model.vwn.recompute=all"], "model.vwn.recompute ('all') must be one of"),
 ]
 
 

@@ -39,6 +39,21 @@ def test_kernels_under_the_interpreter():
     assert re.search(r"\b\d+ passed, 1 skipped in", proc.stdout), proc.stdout[-2000:]
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="refused only without a GPU")
+def test_kernel_selection_without_a_gpu(monkeypatch):
+    from megatron_vwn.config import ConfigError, load_config
+    from megatron_vwn.model.width.ghc import resolve_kernel
+
+    assert resolve_kernel("auto") == "torch" and resolve_kernel("triton") == "triton"
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    cfg = load_config(None, ["model.vwn.m=2", "model.vwn.n=4", "model.vwn.kernel=triton"])
+    with pytest.raises(ConfigError, match="model.vwn.kernel=triton needs a CUDA device or "
+                                          "TRITON_INTERPRET=1"):
+        cfg.model.vwn.validate(cfg.model.hidden_size)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    cfg.model.vwn.validate(cfg.model.hidden_size)
+
+
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
