@@ -198,7 +198,8 @@ class GHC(torch.nn.Module):
 
     def __init__(self, m: int, n: int, d_b: int, init: GHCInit, dynamic: bool = True,
                  eps: float = 1e-6, recompute_coefficients: bool = False,
-                 dtype: torch.dtype = torch.float32, device=None, kernel: str = "torch"):
+                 dtype: torch.dtype = torch.float32, device=None, kernel: str = "torch",
+                 recompute: str = "none"):
         super().__init__()
         self.m, self.n, self.d_b = m, n, d_b
         self.dynamic = dynamic
@@ -206,6 +207,8 @@ class GHC(torch.nn.Module):
         self.tau = init.tau
         self.recompute_coefficients = recompute_coefficients
         self.kernel = resolve_kernel(kernel)
+        self.recompute = "coefficients" if recompute == "none" and recompute_coefficients \
+            else recompute  # none | coefficients | ghc (ghc_recompute.py)
         kwargs = dict(dtype=dtype, device=device)
 
         def param(value: torch.Tensor, decay: bool) -> torch.nn.Parameter:
@@ -243,8 +246,19 @@ class GHC(torch.nn.Module):
         """``[s, b, D']`` -> backbone input ``[s, b, D]`` and what :meth:`write` needs."""
         s, b, _ = hidden.shape
         state = hidden.reshape(s * b, self.n, self.d_b)  # [T, n, d_b]
+        if self.dynamic and self.recompute == "ghc" and torch.is_grad_enabled():
+            from megatron_vwn.model.width import ghc_recompute
+
+            source = ghc_recompute.source_of(hidden)
+            if source is not None and source.depth > 0:
+                source = None  # keep the state once per layer: rebuild only from a kept one
+            functions, operands = _dynamic_functions(self.kernel), self._fused_operands()
+            x, carry_t, write_t = ghc_recompute.KeptRead.apply(
+                state, *operands, self.m, self.eps, functions, source)
+            return x.reshape(s, b, self.m * self.d_b), (state, carry_t, write_t,
+                                                        (source, functions, operands))
         if self.dynamic:
-            recompute = self.recompute_coefficients and torch.is_grad_enabled()
+            recompute = self.recompute != "none" and torch.is_grad_enabled()
             read_fn, _ = _dynamic_functions(self.kernel)
             x, carry_t, write_t = read_fn.apply(state, *self._fused_operands(), self.m,
                                                 self.eps, recompute)
@@ -255,9 +269,20 @@ class GHC(torch.nn.Module):
 
     def write(self, output: torch.Tensor, saved) -> torch.Tensor:
         """Sublayer output ``[s, b, D]`` -> new wide state ``[s, b, D']``."""
-        state, carry_t, write_t = saved
+        state, carry_t, write_t, *rebuild = saved
         s, b, _ = output.shape
         blocks = output.reshape(s * b, self.m, self.d_b)  # [T, m, d_b]
+        if rebuild:  # recompute=ghc: keep no coefficients; say how to rebuild the output
+            from megatron_vwn.model.width import ghc_recompute
+
+            source, functions, operands = rebuild[0]
+            new = ghc_recompute.RecomputedWrite.apply(
+                carry_t, write_t, blocks, state, *operands, self.m, self.eps, functions, source,
+                (s, b, self.n * self.d_b))
+            new._ghc_source = ghc_recompute.WideSource(
+                state=state if source is None else None, parent=source, blocks=blocks,
+                operands=operands, m=self.m, eps=self.eps, functions=functions)
+            return new
         if self.dynamic:
             _, write_fn = _dynamic_functions(self.kernel)
             new = write_fn.apply(carry_t, write_t, blocks, state)

@@ -38,6 +38,8 @@ class VWNShape:
     output_init_scale: float
     kernel: str = "torch"
     """Dynamic GHC implementation (``model.vwn.kernel``, resolved in ``ghc.resolve_kernel``)."""
+    recompute: str = "none"
+    """``model.vwn.recompute`` with its alias folded in (``VwnConfig.recompute_mode``)."""
 
     @classmethod
     def from_config(cls, vwn: VwnConfig, hidden_size: int) -> VWNShape:
@@ -48,7 +50,8 @@ class VWNShape:
                    embedding=vwn.embedding, dynamic=vwn.dynamic,
                    group_norm=vwn.use_group_norm,
                    recompute_coefficients=vwn.recompute_coefficients,
-                   output_init_scale=scale, kernel=vwn.kernel)
+                   output_init_scale=scale, kernel=vwn.kernel,
+                   recompute=vwn.recompute_mode)
 
     @property
     def d_b(self) -> int:
@@ -67,7 +70,7 @@ class VWNShape:
             init = vwn_init(self.m, self.n, self.d_b)
         return GHC(self.m, self.n, self.d_b, init, dynamic=self.dynamic,
                    recompute_coefficients=self.recompute_coefficients, dtype=dtype,
-                   device=device, kernel=self.kernel)
+                   device=device, kernel=self.kernel, recompute=self.recompute)
 
 
 def get_bias_dropout(training: bool, fused: bool):
