@@ -103,7 +103,7 @@ CASES = [  # (m, n, d_b, init, tokens): VWN shapes, HC, a random init, odd sizes
 def test_triton_matches_torch_in_fp32(m, n, d_b, kind, tokens):
     from megatron_vwn.model.width import ghc_triton
 
-    assert ghc_triton._BLOCK_TOKENS == 16 and ghc_triton._chunk(20) == 32  # the edges above
+    assert ghc_triton._BLOCK_TOKENS == 16 and ghc_triton._chunk(20, 3, 2) == 32  # the edges above
     ghc = _ghc(m, n, d_b, kind)
     g = torch.Generator(device=DEVICE).manual_seed(1)
     hidden = torch.randn(tokens, 1, n * d_b, generator=g, device=DEVICE)

@@ -42,13 +42,24 @@ def _pad(size: int) -> int:
     return max(16, triton.next_power_of_2(size))
 
 
-def _chunk(d_b: int) -> int:
-    return min(64, _pad(d_b))
+def _chunk(d_b: int, n: int, m: int) -> int:
+    """Width of the ``d_b`` chunks: 32 when the per-token tiles are large (``64 x 128`` at
+    (8,64)), so the pipelined operand buffers of the backward stay well inside shared memory."""
+    big = _pad(n) * _pad(2 * m + n) >= 64 * 128
+    return min(32 if big else 64, _pad(d_b))
 
 
-def _precision(dtype: torch.dtype) -> str:
-    """fp32 dots in full fp32 (not tf32): the torch reference runs them in fp32."""
-    return "ieee" if dtype == torch.float32 else "tf32"
+def _precision(dtype: torch.dtype) -> str | None:
+    """fp32 dots in full fp32 (not tf32): the torch reference runs them in fp32. Other dtypes:
+    Triton's default (the option applies to fp32 operands only)."""
+    return "ieee" if dtype == torch.float32 else None
+
+
+def _launch(n: int, m: int) -> dict:
+    """Warps and pipelining depth: more warps for the large per-token tiles (fewer registers per
+    thread), two stages so the operand buffers fit in shared memory."""
+    big = _pad(n) * _pad(2 * m + n) >= 64 * 128
+    return dict(num_warps=8 if big else 4, num_stages=2)
 
 
 @triton.jit
@@ -307,8 +318,8 @@ def _write_bwd_kernel(ct_ptr, ct_s0, ct_s1, ct_s2, wt_ptr, wt_s0, wt_s1, wt_s2,
 
 
 def _meta(n: int, m: int, d_b: int, dtype: torch.dtype) -> dict:
-    return dict(N_PAD=_pad(n), C_PAD=_pad(2 * m + n), M_PAD=_pad(m), BD=_chunk(d_b),
-                PREC=_precision(dtype))
+    return dict(N_PAD=_pad(n), C_PAD=_pad(2 * m + n), M_PAD=_pad(m), BD=_chunk(d_b, n, m),
+                PREC=_precision(dtype), **_launch(n, m))
 
 
 class TritonRead(torch.autograd.Function):
