@@ -79,8 +79,9 @@ def test_recompute_modes_agree_and_ghc_keeps_the_state_once_per_layer(single_pro
 
 
 @pytest.mark.parametrize("extra", [["model.vwn.connection=hc", "model.vwn.m=1", "model.vwn.n=4"],
-                                   ["model.vwn.m=2", "model.vwn.n=3"]])
-def test_ghc_recompute_gradients_for_hc_and_without_group_norm(single_process, extra):
+                                   ["model.vwn.m=2", "model.vwn.n=3"],
+                                   ["model.vwn.m=2", "model.vwn.n=8", "model.mtp.num_layers=1"]])
+def test_ghc_recompute_gradients_for_hc_without_group_norm_and_with_mtp(single_process, extra):
     ref = _saved(_model(*extra))
     got = _saved(_model(*extra, "model.vwn.recompute=ghc"))
     assert got[0] < ref[0]
