@@ -136,7 +136,8 @@ else
     TRITON_ENV=()
     LIMIT=150
 fi
-COMMON=(logging.wandb=off logging.interval=1 train.eval_interval=0 "data.cache_dir=$WORK/data")
+COMMON=(logging.wandb=off logging.interval=1 train.eval_interval=0 train.warmup_iters=2
+        "data.cache_dir=$WORK/data")
 
 step gpu_tests "$LIMIT" "$PY" -m pytest -q -p no:cacheprovider -p no:warnings -m gpu tests/gpu
 step bench_vwn_torch "$LIMIT" "$PY" scripts/bench_vwn.py "${VWN_ARGS[@]}" --kernel torch --json
