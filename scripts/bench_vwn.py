@@ -1,7 +1,7 @@
 """Step time and memory of virtual-width models against their backbone, side by side.
 
 For each hidden size ``D`` (default 1024 and 2048) it builds the backbone and the VWN variants
-(1.5x (2,3), 2x (8,16), 4x (8,32), 8x (8,64), plus 8x with the coefficient path recomputed) with
+(1.5x (2,3), 2x (8,16), 4x (8,32), 8x (8,64), plus 8x under each recompute mode) with
 a few layers in one process, then alternates timed measurements between them round by round and
 reports median-time ratios against the backbone:
 
@@ -13,29 +13,38 @@ reports median-time ratios against the backbone:
   grows with depth and what METHODS.md 1.4 bounds (about ``216/D`` at (8,64)).
 
 Memory is the bytes of activations saved for backward in one forward (counted with
-``saved_tensors_hooks``, on any device) and, on GPU, the peak allocated memory of a step.
+``saved_tensors_hooks``, on any device) and, on GPU, the peak allocated memory of a step. The
+recompute variants (``model.vwn.recompute``, docs/gpu.md) also report their layer time against
+the same width without recompute: the time their memory costs.
 
     python scripts/bench_vwn.py [--hidden 1024 2048] [--layers 2] [--seq 256] [--mbs 1]
     python scripts/bench_vwn.py --markdown   # rows for docs/benchmarks.md
+    python scripts/bench_vwn.py --json       # one JSON object per row (variant, m, n, hidden,
+                                             # step_ratio, layer_ratio, activation_ratio, ...)
+    python scripts/bench_vwn.py --kernel triton   # the GHC kernel of the VWN variants
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import sys
 import time
 
 import torch
 
+# name -> config overrides. A recompute variant is named "<base> recompute=<mode>": its time
+# cost is reported against <base>. New family members add rows here.
 VARIANTS = {
     "backbone": [],
     "1.5x (2,3)": ["model.vwn.m=2", "model.vwn.n=3"],
     "2x (8,16)": ["model.vwn.m=8", "model.vwn.n=16"],
     "4x (8,32)": ["model.vwn.m=8", "model.vwn.n=32"],
     "8x (8,64)": ["model.vwn.m=8", "model.vwn.n=64"],
-    "8x (8,64) recompute": ["model.vwn.m=8", "model.vwn.n=64",
-                            "model.vwn.recompute_coefficients=true"],
+    "8x (8,64) recompute=coefficients": ["model.vwn.m=8", "model.vwn.n=64",
+                                         "model.vwn.recompute=coefficients"],
+    "8x (8,64) recompute=ghc": ["model.vwn.m=8", "model.vwn.n=64", "model.vwn.recompute=ghc"],
     "mHC n=4": ["model.vwn.connection=mhc", "model.vwn.n=4"],
     "mHC n=4 recompute": ["model.vwn.connection=mhc", "model.vwn.n=4",
                           "model.vwn.recompute_coefficients=true"],
@@ -55,12 +64,17 @@ def parse_args() -> argparse.Namespace:
                    help="timed single-layer forward+backward passes per model per round")
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"])
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    p.add_argument("--kernel", default="auto", choices=["auto", "torch", "triton"],
+                   help="model.vwn.kernel of every VWN variant")
     p.add_argument("--markdown", action="store_true", help="print markdown table rows")
+    p.add_argument("--json", action="store_true", help="print one JSON object per row")
     return p.parse_args()
 
 
-def saved_activation_bytes(step) -> int:
-    """Bytes of tensors autograd saves for backward during one forward (unique storages)."""
+def saved_activation_bytes(forward) -> int:
+    """Bytes of tensors autograd saves for backward during one forward (unique storages; the
+    weights a layer saves count too). ``forward`` returns the loss; its backward runs after the
+    count, so what a recompute mode saves while recomputing in backward is not counted."""
     seen: dict[int, int] = {}
 
     def pack(t: torch.Tensor):
@@ -69,8 +83,14 @@ def saved_activation_bytes(step) -> int:
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        step()
+        loss = forward()
+    loss.backward()
     return sum(seen.values())
+
+
+def base_variant(name: str) -> str | None:
+    """``"8x (8,64) recompute=ghc"`` -> ``"8x (8,64)"``; None for a variant without recompute."""
+    return name.split(" recompute=")[0] if " recompute=" in name else None
 
 
 def layer_pass(model, args: argparse.Namespace, device: torch.device):
@@ -104,11 +124,13 @@ def bench_hidden(args: argparse.Namespace, hidden: int) -> list[dict]:
 
     cuda = torch.cuda.is_available()
     device = torch.device("cuda") if cuda else torch.device("cpu")
-    heads = hidden // 128
+    heads = max(1, hidden // 128)
     base = [f"model.num_layers={args.layers}", f"model.hidden_size={hidden}",
             f"model.num_attention_heads={heads}", f"model.num_query_groups={heads}",
             f"model.seq_length={args.seq}", f"train.precision={args.precision}"]
-    cfgs = {name: load_config(None, [*base, *VARIANTS[name]]) for name in args.variants}
+    kernel = [f"model.vwn.kernel={args.kernel}"]
+    cfgs = {name: load_config(None, [*base, *VARIANTS[name], *(kernel if VARIANTS[name] else [])])
+            for name in args.variants}
     initialize_distributed(cfgs["backbone"], resolve_dist_env())
     models = {name: build_model(cfg, args.vocab)[0] for name, cfg in cfgs.items()}
     optims = {name: torch.optim.AdamW(m.parameters(), lr=1e-5) for name, m in models.items()}
@@ -116,8 +138,11 @@ def bench_hidden(args: argparse.Namespace, hidden: int) -> list[dict]:
     tokens = torch.randint(0, args.vocab, (args.mbs, args.seq), device=device)
     positions = torch.arange(args.seq, device=device).unsqueeze(0).expand(args.mbs, -1)
 
+    def loss(name: str) -> torch.Tensor:
+        return models[name](tokens, positions, None, labels=tokens).float().mean()
+
     def forward_backward(name: str) -> None:
-        models[name](tokens, positions, None, labels=tokens).float().mean().backward()
+        loss(name).backward()
 
     def step(name: str) -> None:
         forward_backward(name)
@@ -140,7 +165,7 @@ def bench_hidden(args: argparse.Namespace, hidden: int) -> list[dict]:
         layers[name]()
         if cuda:
             torch.cuda.reset_peak_memory_stats()
-        activations[name] = saved_activation_bytes(lambda n=name: forward_backward(n))
+        activations[name] = saved_activation_bytes(lambda n=name: loss(n))
         optims[name].zero_grad(set_to_none=True)
         if cuda:
             step(name)
@@ -162,12 +187,19 @@ def bench_hidden(args: argparse.Namespace, hidden: int) -> list[dict]:
     for name in models:
         step_t = statistics.median(step_times[name])
         layer_t = statistics.median(layer_times[name])
+        vwn = cfgs[name].model.vwn
+        base_name = base_variant(name)
+        cost = (layer_t / statistics.median(layer_times[base_name])
+                if base_name in layer_times else float("nan"))
         rows.append({
-            "D": hidden, "L": args.layers, "variant": name,
-            "ms": step_t * 1e3, "time_ratio": step_t / step_base,
+            "hidden": hidden, "layers": args.layers, "seq": args.seq, "variant": name,
+            "m": vwn.m, "n": vwn.n, "recompute": vwn.recompute_mode,
+            "kernel": args.kernel if VARIANTS[name] else "-",
+            "step_ms": step_t * 1e3, "step_ratio": step_t / step_base,
             "layer_ms": layer_t * 1e3, "layer_ratio": layer_t / layer_base,
-            "act_MB": activations[name] / 2**20,
-            "act_ratio": activations[name] / activations["backbone"],
+            "recompute_layer_cost": cost,
+            "activation_MB": activations[name] / 2**20,
+            "activation_ratio": activations[name] / activations["backbone"],
             "peak_MB": peaks.get(name, float("nan")) / 2**20,
             "params_M": sum(p.numel() for p in models[name].parameters()) / 1e6,
         })
@@ -183,22 +215,31 @@ def main() -> int:
     rows = [row for hidden in args.hidden for row in bench_hidden(args, hidden)]
     dev = torch.cuda.get_device_name() if cuda else "cpu"
     dtype = "bf16" if (cuda and args.precision != "fp32") or args.precision == "bf16" else "fp32"
-    print(f"device {dev} | {dtype} | layers {args.layers} | seq {args.seq} | mbs {args.mbs} | "
-          f"vocab {args.vocab} | rounds {args.rounds} x ({args.steps} steps, "
-          f"{args.layer_reps} layer passes)")
+    if args.json:
+        for r in rows:
+            print(json.dumps({**r, "device": dev, "dtype": dtype}))
+        return 0
+    print(f"device {dev} | {dtype} | kernel {args.kernel} | layers {args.layers} | seq {args.seq}"
+          f" | mbs {args.mbs} | vocab {args.vocab} | rounds {args.rounds} x ({args.steps} steps,"
+          f" {args.layer_reps} layer passes)")
     if args.markdown:
         print("| D | variant | params (M) | step (ms) | step vs backbone | layer (ms) | layer vs "
-              "backbone | saved activations (MB) | act. vs backbone | peak GPU (MB) |")
-        print("|---|---|---|---|---|---|---|---|---|---|")
+              "backbone | recompute: layer time vs without | saved activations (MB) | act. vs "
+              "backbone | peak GPU (MB) |")
+        print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
+        cost = "" if r["recompute_layer_cost"] != r["recompute_layer_cost"] else \
+            f"{r['recompute_layer_cost']:.3f}"
         if args.markdown:
-            print(f"| {r['D']} | {r['variant']} | {r['params_M']:.1f} | {r['ms']:.0f} | "
-                  f"{r['time_ratio']:.3f} | {r['layer_ms']:.1f} | {r['layer_ratio']:.3f} | "
-                  f"{r['act_MB']:.1f} | {r['act_ratio']:.2f} | {r['peak_MB']:.0f} |")
+            print(f"| {r['hidden']} | {r['variant']} | {r['params_M']:.1f} | {r['step_ms']:.0f} |"
+                  f" {r['step_ratio']:.3f} | {r['layer_ms']:.1f} | {r['layer_ratio']:.3f} | "
+                  f"{cost} | {r['activation_MB']:.1f} | {r['activation_ratio']:.2f} | "
+                  f"{r['peak_MB']:.0f} |")
         else:
-            print(f"D={r['D']:5d} {r['variant']:22s} step {r['ms']:8.1f} ms x{r['time_ratio']:.3f}"
-                  f"  layer {r['layer_ms']:7.1f} ms x{r['layer_ratio']:.3f}"
-                  f"  act {r['act_MB']:7.1f} MB (x{r['act_ratio']:.2f})"
+            print(f"D={r['hidden']:5d} {r['variant']:34s} step {r['step_ms']:8.1f} ms "
+                  f"x{r['step_ratio']:.3f}  layer {r['layer_ms']:7.1f} ms x{r['layer_ratio']:.3f}"
+                  f"{'  (recompute x' + cost + ')' if cost else ''}"
+                  f"  act {r['activation_MB']:7.1f} MB (x{r['activation_ratio']:.2f})"
                   f"  params {r['params_M']:.1f}M")
     return 0
 

@@ -25,6 +25,21 @@ def _positive(key: str, value: float | None, allow_zero: bool = False) -> None:
         raise ConfigError(f"{key} ({value}) must be {bound}")
 
 
+def _check_triton_available() -> None:
+    """``model.vwn.kernel=triton`` needs Triton, and a GPU or Triton's CPU interpreter."""
+    import importlib.util
+    import os
+
+    if importlib.util.find_spec("triton") is None:
+        raise ConfigError("model.vwn.kernel=triton needs the triton package (the 'kernels' "
+                          "extra), which is not installed; allowed here: auto, torch")
+    import torch
+
+    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ConfigError("model.vwn.kernel=triton needs a CUDA device or TRITON_INTERPRET=1 "
+                          "(Triton's CPU interpreter); allowed here: auto, torch")
+
+
 @dataclass
 class MhcConfig:
     """Manifold-constrained hyper-connections (``model.vwn.connection=mhc``; docs/width_family.md,
@@ -83,7 +98,17 @@ class VwnConfig:
     """GroupNorm (groups of size D) before the reduce; auto: on for integer r, off otherwise."""
     recompute_coefficients: bool = False
     """Recompute the coefficient path (norm, GEMM, tanh) in backward instead of storing it
-    (mhc: the mappings H_pre, H_post, H_res, Sinkhorn included)."""
+    (mhc: the mappings H_pre, H_post, H_res, Sinkhorn included). For GHC kept as an alias: true
+    means ``recompute=coefficients`` unless ``recompute`` asks for more."""
+    recompute: Literal["none", "coefficients", "ghc"] = "none"
+    """What dynamic GHC keeps for backward (docs/gpu.md): ``none`` keeps the coefficient path;
+    ``coefficients`` recomputes the GEMM output and tanh; ``ghc`` keeps only the wide state
+    entering each layer (plus the D-wide sublayer outputs) and rebuilds coefficients, the
+    mid-layer wide state and the final GroupNorm output in backward."""
+    kernel: Literal["auto", "torch", "triton"] = "auto"
+    """Dynamic GHC implementation: ``torch`` (the reference, any device), ``triton`` (fused
+    kernels, docs/gpu.md; CUDA, or CPU under ``TRITON_INTERPRET=1``); ``auto`` = triton on CUDA
+    when Triton imports, else torch."""
     output_init_scale: float | None = None
     """Multiplier on the init std of each sublayer's output projection; None: the preset's
     (1/sqrt(n) for hc, whose summed streams would otherwise grow the output n-fold; 1 otherwise)."""
@@ -148,11 +173,29 @@ class VwnConfig:
                 f"model.vwn.group_norm=on applies to model.vwn.connection=ghc only (got "
                 f"{self.connection}); allowed here: auto, off"
             )
+        if self.connection in ("mhc", "altup") and (self.recompute != "none"
+                                                     or self.kernel == "triton"):
+            key = (f"model.vwn.recompute={self.recompute}" if self.recompute != "none"
+                   else "model.vwn.kernel=triton")
+            raise ConfigError(
+                f"{key} applies to the GHC-style connections (ghc, hc, frac), not "
+                f"model.vwn.connection={self.connection}; allowed here: recompute=none, "
+                f"kernel=auto|torch (mhc recomputes its mappings with "
+                f"model.vwn.recompute_coefficients=true)")
+        if self.kernel == "triton":
+            _check_triton_available()
         if self.group_norm == "on" and self.n % self.m:
             raise ConfigError(
                 f"model.vwn.group_norm=on needs an integer r = n/m (got {self.n}/{self.m}); "
                 f"allowed: auto, off"
             )
+
+    @property
+    def recompute_mode(self) -> str:
+        """``recompute`` with the ``recompute_coefficients`` alias folded in."""
+        if self.recompute == "none" and self.recompute_coefficients:
+            return "coefficients"
+        return self.recompute
 
     @property
     def use_group_norm(self) -> bool:

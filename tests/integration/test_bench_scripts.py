@@ -1,7 +1,8 @@
 """The benchmark scripts still run end to end on a tiny shape and print every row they promise.
 
 Timings are not asserted (tests never judge speed); the activation-memory column is exact, so
-its ordering is: a wider residual stream saves more for backward, recompute saves less.
+its ordering is: a wider residual stream saves more for backward, recompute saves less, the
+``ghc`` mode least.
 """
 
 from __future__ import annotations
@@ -27,15 +28,34 @@ def _run(script: str, *args: str) -> str:
 def test_bench_vwn_reports_step_layer_and_memory_rows():
     out = _run("bench_vwn.py", "--hidden", "128", "--seq", "32", "--vocab", "128",
                "--rounds", "1", "--steps", "1", "--layer-reps", "1", "--markdown",
-               "--variants", "backbone", "2x (8,16)", "8x (8,64)", "8x (8,64) recompute")
+               "--variants", "backbone", "2x (8,16)", "8x (8,64)",
+               "8x (8,64) recompute=coefficients", "8x (8,64) recompute=ghc")
     rows = [line.split("|")[1:-1] for line in out.splitlines()
             if re.match(r"\| 128 \|", line)]
-    assert [r[1].strip() for r in rows] == ["backbone", "2x (8,16)", "8x (8,64)",
-                                           "8x (8,64) recompute"]
-    saved = {r[1].strip(): float(r[7]) for r in rows}
+    names = ["backbone", "2x (8,16)", "8x (8,64)", "8x (8,64) recompute=coefficients",
+             "8x (8,64) recompute=ghc"]
+    assert [r[1].strip() for r in rows] == names
+    saved = {r[1].strip(): float(r[8]) for r in rows}
     assert float(rows[0][4]) == 1.0 and float(rows[0][6]) == 1.0  # ratios to the backbone
+    assert [r[7].strip() != "" for r in rows] == [False, False, False, True, True]  # time cost
     assert saved["backbone"] < saved["2x (8,16)"] < saved["8x (8,64)"]
-    assert saved["8x (8,64) recompute"] < saved["8x (8,64)"]
+    assert (saved["8x (8,64) recompute=ghc"] < saved["8x (8,64) recompute=coefficients"]
+            < saved["8x (8,64)"])
+
+
+def test_bench_vwn_json_lines():
+    out = _run("bench_vwn.py", "--hidden", "64", "--seq", "16", "--vocab", "64", "--layers", "1",
+               "--rounds", "1", "--steps", "1", "--layer-reps", "1", "--json", "--kernel", "torch",
+               "--variants", "backbone", "8x (8,64)", "8x (8,64) recompute=ghc")
+    rows = [json.loads(line) for line in out.strip().splitlines()]
+    assert [r["variant"] for r in rows] == ["backbone", "8x (8,64)", "8x (8,64) recompute=ghc"]
+    for r in rows:
+        assert {"variant", "m", "n", "hidden", "step_ratio", "layer_ratio",
+                "activation_ratio", "recompute", "kernel"} <= r.keys()
+        assert r["hidden"] == 64
+    assert (rows[1]["m"], rows[1]["n"], rows[2]["recompute"]) == (8, 64, "ghc")
+    assert rows[0]["activation_ratio"] == 1.0
+    assert rows[2]["activation_ratio"] < rows[1]["activation_ratio"]
 
 
 def test_bench_step_prints_one_json_ratio():
@@ -44,3 +64,22 @@ def test_bench_step_prints_one_json_ratio():
                "--rounds", "1", "--warmup", "1", "--json")
     result = json.loads(out.strip().splitlines()[-1])
     assert result["ratio"] > 0
+
+
+def test_gpu_check_cpu_smoke_runs_every_step(tmp_path):
+    """``scripts/gpu_check.sh --cpu-smoke``: every step of the device check at toy size, and
+    the markdown report it writes (so the script cannot rot between device loans)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHON": sys.executable}
+    proc = subprocess.run(["bash", str(ROOT / "scripts" / "gpu_check.sh"), "--cpu-smoke",
+                           str(tmp_path)], env=env, capture_output=True, text=True,
+                          timeout=900, cwd=ROOT)
+    report = (tmp_path / "gpu_check.md").read_text()
+    assert proc.returncode == 0, report + proc.stdout[-3000:] + proc.stderr[-3000:]
+    for step in ("gpu_tests", "bench_vwn_torch", "bench_vwn_triton", "train_backbone",
+                 "train_8x", "ckpt_straight", "ckpt_first_half", "ckpt_resume", "ckpt_compare",
+                 "bench_step"):
+        assert f"| {step} | ok |" in report, step
+    assert "| triton | 128 | 8x (8,64) recompute=ghc |" in report
+    assert "iterations [5, 6, 7, 8] bit-exact" in report
+    assert "ratio" in report.splitlines()[-1]
+    assert (tmp_path / "gpu_check.log").stat().st_size > 0

@@ -97,6 +97,11 @@ CASES = [
      "model.vwn.group_norm=on applies to model.vwn.connection=ghc only (got mhc)"),
     (["model.vwn.altup.selection=odd"], "model.vwn.altup.selection ('odd') must be one of"),
     (["model.vwn.mhc.reduce=max"], "model.vwn.mhc.reduce ('max') must be one of"),
+    (["model.vwn.connection=mhc", "model.vwn.n=4", "model.vwn.recompute=ghc"],
+     "model.vwn.recompute=ghc applies to the GHC-style connections (ghc, hc, frac), not "
+     "model.vwn.connection=mhc"),
+    (["model.vwn.connection=altup", "model.vwn.n=2", "model.vwn.kernel=triton"],
+     "model.vwn.kernel=triton applies to the GHC-style connections"),
     # faults (docs/reliability.md)
     (["train.nan_policy=ignore"], "train.nan_policy ('ignore') must be one of ['stop', 'skip']"),
     (["train.max_skipped_steps=0"], "train.max_skipped_steps (0) must be > 0"),
@@ -105,6 +110,8 @@ CASES = [
      "checkpoint.on_save_error ('retry') must be one of ['stop', 'continue']"),
     (["debug.nan_at=[3, 0]"], "debug.nan_at[1] (0) must be > 0"),
     (["debug.save_error_at=x"], "debug.save_error_at: expected a list, got 'x'"),
+    (["model.vwn.kernel=cuda"], "model.vwn.kernel ('cuda') must be one of"),
+    (["model.vwn.recompute=all"], "model.vwn.recompute ('all') must be one of"),
 ]
 
 

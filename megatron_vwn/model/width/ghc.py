@@ -165,6 +165,28 @@ class _DynamicWrite(torch.autograd.Function):
         return grad_carry_t, grad_write_t, grad_blocks, grad_state
 
 
+def resolve_kernel(kernel: str) -> str:
+    """``model.vwn.kernel``: ``auto`` is ``triton`` on CUDA when Triton imports, else ``torch``."""
+    if kernel != "auto":
+        return kernel
+    if not torch.cuda.is_available():
+        return "torch"
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return "torch"
+    return "triton"
+
+
+def _dynamic_functions(kernel: str):
+    """The (read, write) autograd functions of a kernel; Triton is imported only here."""
+    if kernel == "triton":
+        from megatron_vwn.model.width.ghc_triton import TritonRead, TritonWrite
+
+        return TritonRead, TritonWrite
+    return _DynamicRead, _DynamicWrite
+
+
 class GHC(torch.nn.Module):
     """One generalized hyper-connection module (static + optional dynamic coefficients).
 
@@ -176,13 +198,17 @@ class GHC(torch.nn.Module):
 
     def __init__(self, m: int, n: int, d_b: int, init: GHCInit, dynamic: bool = True,
                  eps: float = 1e-6, recompute_coefficients: bool = False,
-                 dtype: torch.dtype = torch.float32, device=None):
+                 dtype: torch.dtype = torch.float32, device=None, kernel: str = "torch",
+                 recompute: str = "none"):
         super().__init__()
         self.m, self.n, self.d_b = m, n, d_b
         self.dynamic = dynamic
         self.eps = eps
         self.tau = init.tau
         self.recompute_coefficients = recompute_coefficients
+        self.kernel = resolve_kernel(kernel)
+        self.recompute = "coefficients" if recompute == "none" and recompute_coefficients \
+            else recompute  # none | coefficients | ghc (ghc_recompute.py)
         kwargs = dict(dtype=dtype, device=device)
 
         def param(value: torch.Tensor, decay: bool) -> torch.nn.Parameter:
@@ -220,10 +246,22 @@ class GHC(torch.nn.Module):
         """``[s, b, D']`` -> backbone input ``[s, b, D]`` and what :meth:`write` needs."""
         s, b, _ = hidden.shape
         state = hidden.reshape(s * b, self.n, self.d_b)  # [T, n, d_b]
+        if self.dynamic and self.recompute == "ghc" and torch.is_grad_enabled():
+            from megatron_vwn.model.width import ghc_recompute
+
+            source = ghc_recompute.source_of(hidden)
+            if source is not None and source.depth > 0:
+                source = None  # keep the state once per layer: rebuild only from a kept one
+            functions, operands = _dynamic_functions(self.kernel), self._fused_operands()
+            x, carry_t, write_t = ghc_recompute.KeptRead.apply(
+                state, *operands, self.m, self.eps, functions, source)
+            return x.reshape(s, b, self.m * self.d_b), (state, carry_t, write_t,
+                                                        (source, functions, operands))
         if self.dynamic:
-            recompute = self.recompute_coefficients and torch.is_grad_enabled()
-            x, carry_t, write_t = _DynamicRead.apply(state, *self._fused_operands(), self.m,
-                                                     self.eps, recompute)
+            recompute = self.recompute != "none" and torch.is_grad_enabled()
+            read_fn, _ = _dynamic_functions(self.kernel)
+            x, carry_t, write_t = read_fn.apply(state, *self._fused_operands(), self.m,
+                                                self.eps, recompute)
         else:
             carry_t, write_t = self.static_carry.t(), self.static_write.t()
             x = torch.matmul(self.static_read.t(), state)
@@ -231,14 +269,27 @@ class GHC(torch.nn.Module):
 
     def write(self, output: torch.Tensor, saved) -> torch.Tensor:
         """Sublayer output ``[s, b, D]`` -> new wide state ``[s, b, D']``."""
-        state, carry_t, write_t = saved
+        state, carry_t, write_t, *rebuild = saved
         s, b, _ = output.shape
         blocks = output.reshape(s * b, self.m, self.d_b)  # [T, m, d_b]
+        if rebuild:  # recompute=ghc: keep no coefficients; say how to rebuild the output
+            from megatron_vwn.model.width import ghc_recompute
+
+            source, functions, operands = rebuild[0]
+            new = ghc_recompute.RecomputedWrite.apply(
+                carry_t, write_t, blocks, state, *operands, self.m, self.eps, functions, source,
+                (s, b, self.n * self.d_b))
+            new._ghc_source = ghc_recompute.WideSource(
+                state=state if source is None else None, parent=source, blocks=blocks,
+                operands=operands, m=self.m, eps=self.eps, functions=functions)
+            return new
         if self.dynamic:
-            new = _DynamicWrite.apply(carry_t, write_t, blocks, state)
+            _, write_fn = _dynamic_functions(self.kernel)
+            new = write_fn.apply(carry_t, write_t, blocks, state)
         else:
             new = torch.matmul(write_t, blocks) + torch.matmul(carry_t, state)
         return new.reshape(s, b, self.n * self.d_b)
 
     def extra_repr(self) -> str:
-        return f"m={self.m}, n={self.n}, d_b={self.d_b}, dynamic={self.dynamic}, tau={self.tau:g}"
+        return (f"m={self.m}, n={self.n}, d_b={self.d_b}, dynamic={self.dynamic}, "
+                f"tau={self.tau:g}, kernel={self.kernel}")

@@ -44,6 +44,10 @@ class VWNShape:
     identity_bias: float = 0.0
     selection: str = "alternating"
     init_std: float = 0.02
+    kernel: str = "torch"
+    """Dynamic GHC implementation (``model.vwn.kernel``, resolved in ``ghc.resolve_kernel``)."""
+    recompute: str = "none"
+    """``model.vwn.recompute`` with its alias folded in (``VwnConfig.recompute_mode``)."""
 
     @classmethod
     def from_config(cls, vwn: VwnConfig, hidden_size: int, num_layers: int = 1,
@@ -60,7 +64,7 @@ class VWNShape:
                    output_init_scale=scale, reduce=reduce, num_layers=num_layers,
                    sinkhorn_iters=vwn.mhc.sinkhorn_iters, gate_init=vwn.mhc.gate_init,
                    identity_bias=vwn.mhc.identity_bias, selection=vwn.altup.selection,
-                   init_std=init_std)
+                   init_std=init_std, kernel=vwn.kernel, recompute=vwn.recompute_mode)
 
     @property
     def d_b(self) -> int:
@@ -98,7 +102,7 @@ class VWNShape:
             init = vwn_init(self.m, self.n, self.d_b)
         return GHC(self.m, self.n, self.d_b, init, dynamic=self.dynamic,
                    recompute_coefficients=self.recompute_coefficients, dtype=dtype,
-                   device=device)
+                   device=device, kernel=self.kernel, recompute=self.recompute)
 
     def make_layer_connection(self, layer_index: int, dtype: torch.dtype, device=None):
         """The module around the whole global layer ``layer_index`` (AltUp), same interface."""

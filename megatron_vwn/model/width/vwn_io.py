@@ -34,6 +34,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
 
 from megatron_vwn.model.width.altup import init_stream_projections, rms_matched
+from megatron_vwn.model.width.ghc_recompute import final_norm_region
 from megatron_vwn.model.width.vwn import VWNShape
 
 
@@ -181,8 +182,10 @@ class VWNFinalNorm(MegatronModule):
                 hidden = tensor_parallel.gather_from_sequence_parallel_region(
                     hidden, tensor_parallel_output_grad=False
                 )
-            hidden = tensor_parallel.scatter_to_tensor_model_parallel_region(hidden)
-            if self.group_norm is not None:
-                hidden = self.group_norm(hidden)  # [s, b, D'/tp]
-            hidden, _ = self.reduce(hidden)  # [s(/tp), b, D]
+            wide, hidden = hidden, tensor_parallel.scatter_to_tensor_model_parallel_region(hidden)
+            # recompute=ghc: neither the GroupNorm's input nor its output kept (ghc_recompute).
+            with final_norm_region(wide, hidden) as region:
+                if self.group_norm is not None:
+                    hidden = region.track(self.group_norm, hidden)  # [s, b, D'/tp]
+                hidden, _ = self.reduce(hidden)  # [s(/tp), b, D]
         return self.norm(hidden)
