@@ -6,4 +6,4 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup_env.sh dev,hf,analysis,profile,kernels
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}" WANDB_MODE="${WANDB_MODE:-disabled}"
-exec .venv/bin/python -m pytest -q -ra "${@:-tests}"
+exec .venv/bin/python -m pytest -q -ra --durations=15 "${@:-tests}"

@@ -34,4 +34,4 @@ print("newest leg:", ", ".join(f"{p} {md.version(p)}" for p in
       ("torch", "megatron-core", "transformers", "safetensors", "triton")))
 PY
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}" WANDB_MODE="${WANDB_MODE:-disabled}"
-exec "$VENV/bin/python" -m pytest -q -ra "${@:-tests}"
+exec "$VENV/bin/python" -m pytest -q -ra --durations=15 "${@:-tests}"
