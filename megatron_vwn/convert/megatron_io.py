@@ -216,6 +216,7 @@ def save_weights_checkpoint(model: torch.nn.Module, cfg: Config, padded_vocab_si
     saver = Saver(async_save=False)
     saver.save(state_dict, path, content_metadata=dict(sharding_metadata(False)),
                on_complete=complete)
+    complete()  # a synchronous save leaves completion to its caller (one process: no agreement)
     saver.close()
     logger.info("wrote a weights-only checkpoint %s", path)
     return path
