@@ -45,6 +45,14 @@ VARIANTS = {
     "8x (8,64) recompute=coefficients": ["model.vwn.m=8", "model.vwn.n=64",
                                          "model.vwn.recompute=coefficients"],
     "8x (8,64) recompute=ghc": ["model.vwn.m=8", "model.vwn.n=64", "model.vwn.recompute=ghc"],
+    "AltUp K=2": ["model.vwn.connection=altup", "model.vwn.m=1", "model.vwn.n=2",
+                  "model.vwn.dynamic=false", "model.vwn.embedding=wide"],
+    "Recycled-AltUp K=2": ["model.vwn.connection=altup", "model.vwn.m=1", "model.vwn.n=2",
+                           "model.vwn.dynamic=false", "model.vwn.embedding=replicated"],
+    "AltUp K=4": ["model.vwn.connection=altup", "model.vwn.m=1", "model.vwn.n=4",
+                  "model.vwn.dynamic=false", "model.vwn.embedding=wide"],
+    "dynamic AltUp K=2": ["model.vwn.connection=altup", "model.vwn.m=1", "model.vwn.n=2",
+                          "model.vwn.dynamic=true"],
     "mHC n=4": ["model.vwn.connection=mhc", "model.vwn.n=4"],
     "mHC n=4 recompute": ["model.vwn.connection=mhc", "model.vwn.n=4",
                           "model.vwn.recompute_coefficients=true"],
@@ -93,12 +101,14 @@ def base_variant(name: str) -> str | None:
     return name.split(" recompute=")[0] if " recompute=" in name else None
 
 
-def layer_pass(model, args: argparse.Namespace, device: torch.device):
+def layer_pass(model, cfg, args: argparse.Namespace, device: torch.device):
     """Forward + backward of the model's first transformer layer on a fixed random input of the
-    width it carries (``D'`` for VWN, ``D`` for the backbone)."""
+    width it carries (``D'`` for every width-family member, ``D`` for the backbone)."""
+    from megatron_vwn.model.width.shape import VWNShape
+
     layer = model.decoder.layers[0]
-    ghc = getattr(layer, "attention_ghc", None)
-    width = ghc.n * ghc.d_b if ghc is not None else model.config.hidden_size
+    vwn, hidden = cfg.model.vwn, cfg.model.hidden_size
+    width = VWNShape.from_config(vwn, hidden).width if vwn.enabled else hidden
     dtype = next(layer.parameters()).dtype
     gen = torch.Generator(device=device).manual_seed(0)
     hidden = torch.randn(args.seq, args.mbs, width, device=device, dtype=dtype, generator=gen)
@@ -134,7 +144,7 @@ def bench_hidden(args: argparse.Namespace, hidden: int) -> list[dict]:
     initialize_distributed(cfgs["backbone"], resolve_dist_env())
     models = {name: build_model(cfg, args.vocab)[0] for name, cfg in cfgs.items()}
     optims = {name: torch.optim.AdamW(m.parameters(), lr=1e-5) for name, m in models.items()}
-    layers = {name: layer_pass(model, args, device) for name, model in models.items()}
+    layers = {name: layer_pass(model, cfgs[name], args, device) for name, model in models.items()}
     tokens = torch.randint(0, args.vocab, (args.mbs, args.seq), device=device)
     positions = torch.arange(args.seq, device=device).unsqueeze(0).expand(args.mbs, -1)
 

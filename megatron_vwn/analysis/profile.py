@@ -10,9 +10,9 @@ GHC modules, attention and MLP, the final norm / reduce, the MTP layers and the 
 The last line compares the profiler's forward FLOPs per token with
 :func:`megatron_vwn.model.accounting.flops_per_token`, which counts *training* FLOPs (forward +
 backward = 3 x forward): like is compared with like by dividing the accounting by 3.
-``accounting.py`` does not count multi-token prediction, so for MTP models the comparison is on
-the main model (the profiler's total less the MTP block and the head's extra passes), and the
-MTP share is printed beside it.
+The comparison is on the whole model, multi-token-prediction heads included
+(:func:`~megatron_vwn.model.accounting.mtp_flops_per_token`); the MTP share (the MTP block and
+the LM head's passes over its depths) is printed beside it, against the accounting's.
 
 ``deepspeed`` is imported here only (the ``profile`` extra; ``DS_BUILD_OPS=0`` on CPU).
 """
@@ -56,15 +56,16 @@ class Profile:
     total_params: int = 0
     latency_s: float = 0.0
     accounting_forward_per_token: float = 0.0
+    accounting_mtp_forward_per_token: float = 0.0
 
     @property
-    def main_forward_per_token(self) -> float:
-        """Forward FLOPs per token of the model without its MTP heads (what accounting counts)."""
-        return (self.total_flops - self.mtp_flops) / self.tokens
+    def forward_per_token(self) -> float:
+        """The profiler's forward FLOPs per token of the whole model, MTP heads included."""
+        return self.total_flops / self.tokens
 
     @property
     def ratio(self) -> float:
-        return self.main_forward_per_token / self.accounting_forward_per_token
+        return self.forward_per_token / self.accounting_forward_per_token
 
 
 _SKIPPED = ("IdentityOp", "IdentityFuncOp", "Dropout")
@@ -123,7 +124,7 @@ def profile_model(cfg, vocab_size: int, batch: int = 1) -> Profile:
     )
 
     from megatron_vwn.convert.megatron_io import build_single_model, single_process_config
-    from megatron_vwn.model.accounting import flops_per_token
+    from megatron_vwn.model.accounting import flops_per_token, mtp_flops_per_token
 
     cfg = single_process_config(cfg)
     model = build_single_model(cfg, vocab_size)
@@ -149,6 +150,7 @@ def profile_model(cfg, vocab_size: int, batch: int = 1) -> Profile:
     finally:
         profiler.end_profile()
     result.accounting_forward_per_token = flops_per_token(cfg.model, vocab_size) / 3
+    result.accounting_mtp_forward_per_token = mtp_flops_per_token(cfg.model, vocab_size) / 3
     return result
 
 
@@ -165,10 +167,10 @@ def format_profile(profile: Profile) -> str:
                  f"{profile.latency_s * 1e3:>10.2f}")
     mtp = ""
     if profile.mtp_flops:
-        mtp = (f" (main model; the MTP heads add {profile.mtp_flops / profile.tokens / 1e6:.4f}M, "
-               f"not counted by accounting.py)")
+        mtp = (f" (of which MTP heads: profiler {profile.mtp_flops / profile.tokens / 1e6:.4f}M, "
+               f"accounting {profile.accounting_mtp_forward_per_token / 1e6:.4f}M)")
     lines.append(
-        f"forward FLOPs/token: profiler {profile.main_forward_per_token / 1e6:.4f}M vs "
+        f"forward FLOPs/token: profiler {profile.forward_per_token / 1e6:.4f}M vs "
         f"accounting {profile.accounting_forward_per_token / 1e6:.4f}M (its training FLOPs / 3): "
         f"ratio {profile.ratio:.4f}{mtp}")
     return "\n".join(lines)
@@ -193,8 +195,8 @@ def run_profile(ns: argparse.Namespace) -> int:
     with contextlib.redirect_stdout(sys.stderr):  # DeepSpeed's and the build's chatter
         profile = profile_model(cfg, padded_vocab_of(cfg, tensor_parallel=1), ns.batch)
     if ns.json:
-        print(json.dumps({**asdict(profile), "main_forward_per_token":
-                          profile.main_forward_per_token, "ratio": profile.ratio}))
+        print(json.dumps({**asdict(profile), "forward_per_token": profile.forward_per_token,
+                          "ratio": profile.ratio}))
     else:
         print(format_profile(profile))
     return 0

@@ -135,17 +135,41 @@ def vwn_flops_per_token(model: ModelConfig) -> int:
     return 3 * forward
 
 
+def _layer_forward_flops(model: ModelConfig) -> int:
+    """Forward FLOPs per token of one transformer layer's matmuls and attention products."""
+    d = model.hidden_size
+    return 2 * (layer_params(model) - 2 * d) + 4 * model.seq_length * d
+
+
+def mtp_flops_per_token(model: ModelConfig, vocab_size: int) -> int:
+    """Training FLOPs per token of the multi-token-prediction heads (docs/mtp.md), per depth:
+    the ``[e ; h]`` mixer (backbone ``eh_proj: 2D -> D``, ``4 D^2``; virtual width: the block
+    linear ``2 d_b -> d_b`` on each of the ``n`` segments, ``4 d_b D'``), one transformer layer
+    with its width connection, the GHC reduce ``2 D' D`` and the shared LM head ``2 V D``."""
+    depths = model.mtp.num_layers
+    if not depths:
+        return 0
+    vwn, d = model.vwn, model.hidden_size
+    forward = _layer_forward_flops(model) + 2 * vocab_size * d
+    if vwn.enabled:
+        wide = virtual_width(vwn, d)
+        forward += 4 * (d // vwn.m) * wide + layer_connection_flops_per_token(vwn, d)
+        if vwn.connection == "ghc" and wide > d:
+            forward += 2 * wide * d
+    else:
+        forward += 4 * d * d
+    return 3 * depths * forward
+
+
 def flops_per_token(model: ModelConfig, vocab_size: int) -> int:
-    """Training FLOPs per token (forward + backward = 3 x forward).
+    """Training FLOPs per token (forward + backward = 3 x forward), MTP heads included.
 
     Forward: 2 FLOPs per weight of every matrix multiply (layers and LM head, not the table
     lookup) plus attention's two ``s x s`` products, ``2 * 2 * s * D`` per layer (no causal
     discount, as in Megatron-LM's reported throughput).
     """
-    d = model.hidden_size
-    matmul_weights = model.num_layers * (layer_params(model) - 2 * d) + vocab_size * d
-    attention = model.num_layers * 4 * model.seq_length * d
-    return 3 * (2 * matmul_weights + attention) + vwn_flops_per_token(model)
+    forward = model.num_layers * _layer_forward_flops(model) + 2 * vocab_size * model.hidden_size
+    return 3 * forward + vwn_flops_per_token(model) + mtp_flops_per_token(model, vocab_size)
 
 
 def format_summary(model: ModelConfig, vocab_size: int) -> str:
@@ -161,13 +185,16 @@ def format_summary(model: ModelConfig, vocab_size: int) -> str:
         f"backbone {m(counts.backbone)} | other {m(counts.other)} | "
         f"training FLOPs/token {flops / 1e6:.2f}M"
     )
+    mtp = mtp_flops_per_token(model, vocab_size)
+    if mtp:
+        text += f" (MTP heads {m(mtp)} of it)"
     extra = vwn_flops_per_token(model)
     if extra:
         vwn = model.vwn
         text += (
             f" | virtual width {vwn.connection} (m={vwn.m}, n={vwn.n}, r={vwn.n / vwn.m:g}, "
             f"D'={virtual_width(vwn, model.hidden_size)}): +{m(counts.other)} parameters, "
-            f"+{extra / 1e6:.2f}M FLOPs/token ({100 * extra / (flops - extra):.1f}% of the "
-            f"backbone's)"
+            f"+{extra / 1e6:.2f}M FLOPs/token ({100 * extra / (flops - extra - mtp):.1f}% of "
+            f"the backbone's)"
         )
     return text

@@ -1,7 +1,7 @@
 """``megatron-vwn profile``: DeepSpeed's FLOPs profiler on the built model agrees with
 ``model/accounting.py`` within 5% (forward FLOPs per token; accounting's training FLOPs / 3) for
-the backbone, VWN 2x and 8x and an MTP model (main model compared, the MTP heads reported
-beside it), and names the parts a reader looks for."""
+the backbone, VWN 2x and 8x and MTP models (the whole model, and the MTP heads' share alone),
+and names the parts a reader looks for."""
 
 from __future__ import annotations
 
@@ -21,9 +21,12 @@ def _profile(*args: str) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.parametrize("config", ["tiny", "vwn/tiny_2x", "vwn/tiny_8x", "mtp/tiny_mtp1"])
-def test_profiler_flops_match_the_accounting(config):
-    result = _profile(config, "model.num_layers=2")
+@pytest.mark.parametrize("config,extra", [
+    ("tiny", []), ("vwn/tiny_2x", []), ("vwn/tiny_8x", []), ("mtp/tiny_mtp1", []),
+    ("vwn/tiny_8x", ["model.mtp.num_layers=1"]),
+])
+def test_profiler_flops_match_the_accounting(config, extra):
+    result = _profile(config, "model.num_layers=2", *extra)
     assert result["ratio"] == pytest.approx(1.0, abs=0.05)
     rows = {row["name"]: row for row in result["rows"]}
     for part in ("embedding", "decoder.layers.1.self_attention", "decoder.layers.1.mlp",
@@ -35,8 +38,11 @@ def test_profiler_flops_match_the_accounting(config):
     if "vwn" in config:
         assert rows["decoder.layers.1.ghc"]["flops"] > 0
         assert rows["decoder.final_layernorm.reduce"]["flops"] > 0
-    if "mtp" in config:
+    if "mtp" in config or extra:
         head = rows["output_layer"]["flops"]  # two passes: main and the MTP depth
         assert result["mtp_flops"] == rows["mtp"]["flops"] + head // 2
+        mtp_per_token = result["mtp_flops"] / result["tokens"]
+        assert mtp_per_token / result["accounting_mtp_forward_per_token"] == pytest.approx(
+            1.0, abs=0.05)
     else:
         assert result["mtp_flops"] == 0

@@ -35,3 +35,27 @@ def test_hand_count():
     assert layer_params(cfg.model) == per_layer
     forward = 2 * (3 * (per_layer - 2 * d) + 320 * d) + 3 * 4 * 16 * d
     assert flops_per_token(cfg.model, 320) == 3 * forward
+
+
+@pytest.mark.parametrize("vwn", [[], ["model.vwn.m=2", "model.vwn.n=4"]])
+def test_mtp_hand_count(vwn):
+    """One MTP depth adds a layer, the [e ; h] mixer, (VWN) its GHC pair and reduce, and a head
+    pass; two depths add twice that."""
+    from megatron_vwn.model.accounting import (
+        layer_connection_flops_per_token,
+        mtp_flops_per_token,
+    )
+
+    d, v, per_layer = 64, 320, layer_params(load_config(None, SHAPE).model)
+    layer = 2 * (per_layer - 2 * d) + 4 * 16 * d
+    without = load_config(None, [*SHAPE, *vwn])
+    for depths in (1, 2):
+        cfg = load_config(None, [*SHAPE, *vwn, f"model.mtp.num_layers={depths}"])
+        if vwn:  # m=2, n=4: d_b = 32, D' = 128
+            mixer = 4 * 32 * 128 + layer_connection_flops_per_token(cfg.model.vwn, d)
+            mixer += 2 * 128 * d
+        else:
+            mixer = 4 * d * d
+        expected = 3 * depths * (layer + 2 * v * d + mixer)
+        assert mtp_flops_per_token(cfg.model, v) == expected
+        assert flops_per_token(cfg.model, v) == flops_per_token(without.model, v) + expected
