@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from fractions import Fraction
 
 from megatron_vwn.config.errors import ConfigError
+from megatron_vwn.config.lists import parse_list
 from megatron_vwn.config.schema import Config, ModelConfig
 from megatron_vwn.model.accounting import ParamCounts, count_params
 
@@ -174,16 +175,7 @@ def plan_shapes(cfg: Config, budget: int, depths: list[int],
 
 
 def parse_depths(text: str) -> list[int]:
-    try:
-        depths = [int(item) for item in text.split(",") if item.strip()]
-    except ValueError:
-        raise ConfigError(f"--depths ({text!r}) must be integers separated by commas, "
-                          f"e.g. 2,4,8") from None
-    if not depths or any(d < 1 for d in depths):
-        raise ConfigError(f"--depths ({text!r}) must be one or more integers >= 1")
-    if len(set(depths)) != len(depths):
-        raise ConfigError(f"--depths ({text}) repeats a depth")
-    return depths
+    return parse_list(text, "--depths", int, "2,4,8", minimum=1)
 
 
 def parse_params(text: str) -> int:

@@ -38,6 +38,7 @@ import yaml
 
 from megatron_vwn.config import load_config, to_dict, validate
 from megatron_vwn.config.errors import ConfigError
+from megatron_vwn.config.lists import parse_list
 from megatron_vwn.config.loader import CONFIG_DIR, DEFAULT_CONFIG, resolve_config_path
 
 DEFAULT_SWEEP = CONFIG_DIR / "sweep" / "default.yaml"
@@ -80,16 +81,7 @@ def width_tag(width: float) -> str:
 
 
 def parse_widths(text: str) -> list[float]:
-    try:
-        widths = [float(item) for item in text.split(",") if item.strip()]
-    except ValueError:
-        raise ConfigError(f"--widths ({text!r}) must be numbers separated by commas, e.g. "
-                          f"1,2,4,8") from None
-    if not widths:
-        raise ConfigError("--widths is empty")
-    if len(set(widths)) != len(widths):
-        raise ConfigError(f"--widths ({text}) repeats a width")
-    return widths
+    return parse_list(text, "--widths", float, "1,2,4,8")
 
 
 @dataclass
