@@ -39,6 +39,7 @@ def _train_parser(sub) -> None:
                    help="a YAML file or shipped config name, then dotted overrides")
     p.add_argument("--nproc", type=int, default=None,
                    help="start this many local ranks with torchrun")
+    p.set_defaults(run=cmd_train)
 
 
 def _split_config_and_overrides(args: list[str]) -> tuple[str, list[str]]:
@@ -118,26 +119,34 @@ def build_parser() -> argparse.ArgumentParser:
     _train_parser(sub)
     from megatron_vwn.data.preprocess import add_preprocess_arguments
 
-    add_preprocess_arguments(sub.add_parser("preprocess", help="text -> tokenizer + indexed data"))
+    preprocess = sub.add_parser("preprocess", help="text -> tokenizer + indexed data")
+    add_preprocess_arguments(preprocess)
+    preprocess.set_defaults(run=cmd_preprocess)
     from megatron_vwn.checkpoint.inspect import add_inspect_arguments
 
     checkpoint = sub.add_parser("checkpoint", help="inspect checkpoints")
+    checkpoint.set_defaults(run=cmd_checkpoint)
     actions = checkpoint.add_subparsers(dest="action", required=True)
     add_inspect_arguments(actions.add_parser(
         "inspect", help="iteration, layout, config, parameter shapes and bytes"))
     from megatron_vwn.launch.slurm import add_slurm_arguments
 
-    add_slurm_arguments(sub.add_parser("slurm", help="submit runs and width sweeps to SLURM"))
+    slurm = sub.add_parser("slurm", help="submit runs and width sweeps to SLURM")
+    add_slurm_arguments(slurm)
+    slurm.set_defaults(run=cmd_slurm)
     from megatron_vwn.convert.cli import add_convert_arguments
 
-    add_convert_arguments(sub.add_parser("convert", help="Hugging Face export and import"))
+    convert = sub.add_parser("convert", help="Hugging Face export and import")
+    add_convert_arguments(convert)
+    convert.set_defaults(run=cmd_convert)
     from megatron_vwn.analysis.report_cli import add_analysis_parsers
 
-    add_analysis_parsers(sub)  # eval, report, profile (their handler is ns.run)
+    add_analysis_parsers(sub)  # eval, report, profile: each sets its own ``run``
     from megatron_vwn.analysis.shape_cli import add_shape_arguments
 
-    add_shape_arguments(sub.add_parser("shape", help="depth-width shape study (plan, sweep, "
-                                                     "report)"))
+    shape = sub.add_parser("shape", help="depth-width shape study (plan, sweep, report)")
+    add_shape_arguments(shape)
+    shape.set_defaults(run=cmd_shape)
     return parser
 
 
@@ -153,12 +162,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         ns.args.extend(extra)
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
-    handlers = {"train": cmd_train, "preprocess": cmd_preprocess, "checkpoint": cmd_checkpoint,
-                "slurm": cmd_slurm, "convert": cmd_convert, "shape": cmd_shape}
     from megatron_vwn.training.faults import TrainingFault, report_fault
 
     try:
-        return handlers[ns.command](ns) if ns.command in handlers else ns.run(ns)
+        return ns.run(ns)
     except ConfigError as exc:
         report_fault(2, str(exc))
         return 2
