@@ -14,6 +14,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -83,3 +85,19 @@ def test_gpu_check_cpu_smoke_runs_every_step(tmp_path):
     assert "iterations [5, 6, 7, 8] bit-exact" in report
     assert "ratio" in report.splitlines()[-1]
     assert (tmp_path / "gpu_check.log").stat().st_size > 0
+
+
+def test_bench_vwn_family_rows_run_the_wide_layer():
+    """AltUp and mHC rows probe the layer at the width it carries (K*D, n*D): their saved
+    activations grow with K, and the Recycled variant (same layer, replicated table) saves
+    as much as AltUp at the same K."""
+    family = ["AltUp K=2", "Recycled-AltUp K=2", "AltUp K=4", "dynamic AltUp K=2", "mHC n=4"]
+    out = _run("bench_vwn.py", "--hidden", "64", "--seq", "16", "--vocab", "64", "--layers", "1",
+               "--rounds", "1", "--steps", "1", "--layer-reps", "1", "--json",
+               "--variants", "backbone", *family)
+    rows = {r["variant"]: r for r in map(json.loads, out.strip().splitlines())}
+    assert list(rows) == ["backbone", *family]
+    act = {name: r["activation_ratio"] for name, r in rows.items()}
+    assert 1.0 < act["AltUp K=2"] < act["AltUp K=4"]
+    assert act["Recycled-AltUp K=2"] == pytest.approx(act["AltUp K=2"], rel=0.05)
+    assert act["mHC n=4"] > 1.0
