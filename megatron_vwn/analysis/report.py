@@ -6,11 +6,12 @@ Input: run directories (``config.yaml`` + ``metrics.jsonl``) and/or sweep direct
 - ``summary.json``: ``{"runs": [...], "fit": {...}, "baseline": ...}``; per run ``name``, ``r``,
   ``m``, ``n``, ``mtp_depths``, ``seed``, ``final_valid_loss``, ``tokens`` (trained),
   ``flops`` (training FLOPs, ``tokens x`` :func:`megatron_vwn.model.accounting.flops_per_token`),
+  ``complete`` (the run reached ``train.iters``; the table marks the others "partial"),
   ``token_speedup`` (next-token, against the backbone: see
   :func:`megatron_vwn.analysis.curves.token_speedup`) and, for multi-token-prediction runs,
   ``final_valid_mtp_loss_1`` and ``token_speedup_next2`` (the next-2-token loss ``mtp_loss_1``
   against a backbone run that has the same head). ``fit`` is the least-squares line of final
-  held-out loss against ``log2 r`` over the widened runs (``r > 1``, no MTP): ``slope``,
+  held-out loss against ``log2 r`` over the finished widened runs (``r > 1``, no MTP): ``slope``,
   ``intercept``, ``r2``, ``points`` (null values with fewer than two widths).
 - ``report.md``: the table, the fit next to the paper's, the figures.
 - PNGs: held-out loss vs tokens, vs training FLOPs, the loss gap to the backbone over tokens, and
@@ -66,6 +67,13 @@ class RunData:
     """``lm_loss`` and ``mtp_loss_k`` held-out curves over consumed tokens."""
     tokens: int = 0
     flops_per_token: int = 0
+    iteration: int = 0
+    """The last logged training iteration."""
+
+    @property
+    def complete(self) -> bool:
+        """Whether the run reached ``train.iters`` (a partial run's final loss is not final)."""
+        return self.iteration >= self.cfg.train.iters
 
     @property
     def r(self) -> float:
@@ -117,6 +125,7 @@ def load_run(directory: str | Path, name: str | None = None) -> RunData:
                        directory, cfg.train.eval_mode)
     return RunData(name=name or cfg.run.name or directory.name, directory=directory, cfg=cfg,
                    curves=curves, tokens=int(tokens),
+                   iteration=max([r.get("iteration", 0) for r in train], default=0),
                    flops_per_token=flops_per_token(cfg.model, padded_vocab_of(cfg)))
 
 
@@ -163,6 +172,7 @@ def summarize(runs: list[RunData], baseline: RunData | None = None) -> dict[str,
             "name": run.name, "dir": str(run.directory), "r": run.r, "m": run.cfg.model.vwn.m,
             "n": run.cfg.model.vwn.n, "mtp_depths": run.mtp_depths, "seed": run.cfg.train.seed,
             "final_valid_loss": _rounded(run.valid.final_loss), "tokens": run.tokens,
+            "complete": run.complete,
             "flops": run.tokens * run.flops_per_token,
             "token_speedup": _rounded(token_speedup(base.valid, run.valid)) if base else None,
         }
@@ -174,7 +184,8 @@ def summarize(runs: list[RunData], baseline: RunData | None = None) -> dict[str,
                 else None
         rows.append(row)
     points = [(row["r"], row["final_valid_loss"]) for row in rows
-              if row["r"] > 1 and not row["mtp_depths"] and row["final_valid_loss"] is not None]
+              if row["r"] > 1 and not row["mtp_depths"] and row["complete"]
+              and row["final_valid_loss"] is not None]
     fit = fit_log2([r for r, _ in points], [y for _, y in points])
     return {
         "runs": rows,
@@ -264,7 +275,8 @@ def render_table(summary: dict) -> str:
     for row in summary["runs"]:
         lines.append(
             f"| {row['name']} | {row['r']:g} | {row['m']} | {row['n']} | {row['mtp_depths']} | "
-            f"{row['seed']} | {row['tokens']:,} | {row['flops']:.3e} | "
+            f"{row['seed']} | {row['tokens']:,}{'' if row['complete'] else ' (partial)'} | "
+            f"{row['flops']:.3e} | "
             f"{_num(row['final_valid_loss'], '{:.4f}')} | "
             f"{_num(row['token_speedup'], '{:.2f}x')} | "
             f"{_num(row.get('final_valid_mtp_loss_1'), '{:.4f}')} | "
@@ -274,8 +286,9 @@ def render_table(summary: dict) -> str:
 
 def fit_text(fit: dict) -> str:
     if fit["slope"] is None:
-        return f"No fit: it needs runs at two or more widths r > 1 ({fit['points']} point(s))"
-    return (f"Fit over the widened runs without MTP ({fit['points']} points): "
+        return (f"No fit: it needs finished runs at two or more widths r > 1 "
+                f"({fit['points']} point(s))")
+    return (f"Fit over the finished widened runs without MTP ({fit['points']} points): "
             f"loss = {fit['slope']:.4f} log2 r + {fit['intercept']:.4f}, R^2 = {fit['r2']:.4f}")
 
 

@@ -27,10 +27,11 @@ def law_speed(r: float) -> float:
 
 
 def make_run(directory: Path, r: float, speed: float, mtp: int = 0, next2_speed: float = 1.0,
-             seed: int = 1234) -> Path:
+             seed: int = 1234, complete: bool = True) -> Path:
     m, n = width_to_vwn(r)
     cfg = load_config("tiny", [f"model.vwn.m={m}", f"model.vwn.n={n}", f"train.seed={seed}",
                                f"model.mtp.num_layers={mtp}", f"run.name={directory.name}",
+                               f"train.iters={len(TOKENS) if complete else 10}",
                                f"run.dir={directory}"])
     directory.mkdir(parents=True)
     dump_config(cfg, directory / "config.yaml")
@@ -104,6 +105,20 @@ def test_a_run_that_never_reaches_the_backbone_loss_has_no_speedup(tmp_path):
     assert runs["slow"]["token_speedup"] is None
     assert summary["fit"]["slope"] is None  # one width r > 1: no line
     assert "| slow | 2 |" in (out / "report.md").read_text()
+
+
+def test_a_partial_run_is_marked_and_left_out_of_the_fit(sweep, tmp_path):
+    """A run that stopped before train.iters (still training, or killed) is reported as partial
+    and does not bend the fit: the line over the finished r = 2, 4, 8 stays the law's."""
+    partial = make_run(tmp_path / "x16-partial", 16, 0.5, complete=False)
+    out = tmp_path / "report"
+    assert main(["report", str(sweep), str(partial), "--out", str(out)]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    runs = {row["name"]: row for row in summary["runs"]}
+    assert runs["x16-partial"]["complete"] is False and runs["law-x8"]["complete"] is True
+    fit = summary["fit"]
+    assert (fit["slope"], fit["intercept"], fit["points"]) == pytest.approx((SLOPE, INTERCEPT, 3))
+    assert "| 4,000 (partial) |" in (out / "report.md").read_text()
 
 
 def test_report_refuses_a_directory_that_is_no_run(tmp_path, capsys):
