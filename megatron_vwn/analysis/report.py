@@ -17,10 +17,11 @@ Input: run directories (``config.yaml`` + ``metrics.jsonl``) and/or sweep direct
 - PNGs: held-out loss vs tokens, vs training FLOPs, the loss gap to the backbone over tokens, and
   final loss vs log2(r) with the fitted line.
 
-The backbone is ``--baseline DIR`` or else the first ``r = 1`` run without MTP (by name); the
-next-2-token baseline is the first ``r = 1`` run with MTP. Curves are the ``valid`` rows, which
-score the same tokens at every evaluation under ``train.eval_mode=fixed`` (the default); runs
-written with ``rolling`` evaluation are flagged, as their curves are noisier.
+The backbone is ``--baseline DIR``, or else, per run, the ``r = 1`` run without MTP of the same
+``train.seed`` (the first ``r = 1`` run given when no seed matches; it is also the figures'
+reference); the next-2-token backbone likewise among the ``r = 1`` runs with MTP. Curves are the
+``valid`` rows, which score the same tokens at every evaluation under ``train.eval_mode=fixed``
+(the default); runs written with ``rolling`` evaluation are flagged, as their curves are noisier.
 """
 
 from __future__ import annotations
@@ -151,12 +152,23 @@ def find_runs(paths: list[str | Path]) -> list[RunData]:
 
 
 def _pick_baselines(runs: list[RunData], baseline: RunData | None):
-    backbones = sorted((run for run in runs if run.r == 1), key=lambda run: run.name)
+    """The report's backbone and next-2-token backbone: ``--baseline``, else the first ``r = 1``
+    run (without / with MTP) in the order the runs were given (a sweep's own order)."""
+    backbones = [run for run in runs if run.r == 1]
     next_token = baseline or next((run for run in backbones if not run.mtp_depths), None) \
         or (backbones[0] if backbones else None)
     next2 = baseline if baseline is not None and baseline.mtp_depths else \
         next((run for run in backbones if run.mtp_depths), None)
     return next_token, next2
+
+
+def _same_seed(run: RunData, runs: list[RunData], default: RunData | None,
+               mtp: bool) -> RunData | None:
+    """The ``r = 1`` run of ``run``'s seed (with MTP heads when ``mtp``), else ``default``: with
+    several seeds, each width is compared with the backbone that saw the same data order and
+    initialisation seed, so the seeds' noise is not counted as a speed-up."""
+    return next((other for other in runs if other.r == 1 and bool(other.mtp_depths) == mtp
+                 and other.cfg.train.seed == run.cfg.train.seed), default)
 
 
 def _rounded(value: float | None, digits: int = 6) -> float | None:
@@ -168,20 +180,24 @@ def summarize(runs: list[RunData], baseline: RunData | None = None) -> dict[str,
     base, base2 = _pick_baselines(runs, baseline)
     rows = []
     for run in runs:
+        own = base if baseline is not None else _same_seed(run, runs, base, mtp=False)
+        own2 = base2 if baseline is not None else _same_seed(run, runs, base2, mtp=True)
         row = {
             "name": run.name, "dir": str(run.directory), "r": run.r, "m": run.cfg.model.vwn.m,
             "n": run.cfg.model.vwn.n, "mtp_depths": run.mtp_depths, "seed": run.cfg.train.seed,
             "final_valid_loss": _rounded(run.valid.final_loss), "tokens": run.tokens,
             "complete": run.complete,
             "flops": run.tokens * run.flops_per_token,
-            "token_speedup": _rounded(token_speedup(base.valid, run.valid)) if base else None,
+            "token_speedup": _rounded(token_speedup(own.valid, run.valid)) if own else None,
+            "baseline": own.name if own else None,
         }
         if run.mtp_depths:
             next2 = run.curves.get("mtp_loss_1", Curve([], []))
             row["final_valid_mtp_loss_1"] = _rounded(next2.final_loss)
             row["token_speedup_next2"] = _rounded(token_speedup(
-                base2.curves["mtp_loss_1"], next2)) if base2 and "mtp_loss_1" in base2.curves \
+                own2.curves["mtp_loss_1"], next2)) if own2 and "mtp_loss_1" in own2.curves \
                 else None
+            row["baseline_next2"] = own2.name if own2 else None
         rows.append(row)
     points = [(row["r"], row["final_valid_loss"]) for row in rows
               if row["r"] > 1 and not row["mtp_depths"] and row["complete"]
@@ -294,10 +310,13 @@ def fit_text(fit: dict) -> str:
 
 def render_markdown(summary: dict, figures: list[str]) -> str:
     """``report.md``: the table, the fit against the paper's, and the figures."""
+    own = sorted({row["baseline"] for row in summary["runs"] if row.get("baseline")})
+    backbones = (f"Backbone (speed-ups are against it): `{summary['baseline']}`"
+                 if len(own) <= 1 else "Speed-ups are against the backbone of the same seed: "
+                 + ", ".join(f"`{name}`" for name in own))
     lines = ["# Width-scaling report", "",
-             f"Backbone (speed-ups are against it): `{summary['baseline']}`"
-             + (f"; next-2-token backbone: `{summary['baseline_next2']}`"
-                if summary["baseline_next2"] else ""), "",
+             backbones + (f"; next-2-token backbone: `{summary['baseline_next2']}`"
+                          if summary["baseline_next2"] else ""), "",
              render_table(summary)]
     lines += ["", "Token speed-up: tokens the backbone needed to reach its final held-out loss "
               "divided by the tokens this run needed to reach that loss (linear between "

@@ -121,6 +121,24 @@ def test_a_partial_run_is_marked_and_left_out_of_the_fit(sweep, tmp_path):
     assert "| 4,000 (partial) |" in (out / "report.md").read_text()
 
 
+def test_each_seed_is_compared_with_its_own_backbone(tmp_path):
+    """Seed 2's backbone learns 1.25x faster than seed 1's: seed 2's 8x run (1.5x faster than
+    seed 1's backbone) is 1.2x its own backbone, not 1.5x; --baseline overrides the pairing."""
+    runs_in = [make_run(tmp_path / "a-x1", 1, 1.0), make_run(tmp_path / "a-x8", 8, 1.2),
+               make_run(tmp_path / "b-x1", 1, 1.25, seed=99),
+               make_run(tmp_path / "b-x8", 8, 1.5, seed=99)]
+    out = tmp_path / "report"
+    assert main(["report", *map(str, runs_in), "--out", str(out)]) == 0
+    runs = {row["name"]: row for row in json.loads((out / "summary.json").read_text())["runs"]}
+    assert runs["a-x8"]["token_speedup"] == pytest.approx(1.2, rel=1e-5)
+    assert runs["b-x8"]["token_speedup"] == pytest.approx(1.2, rel=1e-5)
+    assert (runs["a-x8"]["baseline"], runs["b-x8"]["baseline"]) == ("a-x1", "b-x1")
+    assert main(["report", *map(str, runs_in), "--baseline", str(runs_in[0]),
+                 "--out", str(out)]) == 0
+    runs = {row["name"]: row for row in json.loads((out / "summary.json").read_text())["runs"]}
+    assert runs["b-x8"]["token_speedup"] == pytest.approx(1.5, rel=1e-5)
+
+
 def test_report_refuses_a_directory_that_is_no_run(tmp_path, capsys):
     assert main(["report", str(tmp_path), "--out", str(tmp_path / "out")]) == 2
     assert "no config.yaml" in capsys.readouterr().err
