@@ -104,11 +104,10 @@ def base_variant(name: str) -> str | None:
 def layer_pass(model, cfg, args: argparse.Namespace, device: torch.device):
     """Forward + backward of the model's first transformer layer on a fixed random input of the
     width it carries (``D'`` for every width-family member, ``D`` for the backbone)."""
-    from megatron_vwn.model.width.shape import VWNShape
+    from megatron_vwn.model.accounting import virtual_width
 
     layer = model.decoder.layers[0]
-    vwn, hidden = cfg.model.vwn, cfg.model.hidden_size
-    width = VWNShape.from_config(vwn, hidden).width if vwn.enabled else hidden
+    width = virtual_width(cfg.model.vwn, cfg.model.hidden_size)  # D for the backbone (m = n = 1)
     dtype = next(layer.parameters()).dtype
     gen = torch.Generator(device=device).manual_seed(0)
     hidden = torch.randn(args.seq, args.mbs, width, device=device, dtype=dtype, generator=gen)

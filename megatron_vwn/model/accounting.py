@@ -127,12 +127,16 @@ def vwn_flops_per_token(model: ModelConfig) -> int:
     if not vwn.enabled:
         return 0
     forward = model.num_layers * layer_connection_flops_per_token(vwn, d)
-    wide = virtual_width(vwn, d)
-    if vwn.connection == "ghc" and wide > d:
-        forward += 2 * wide * d * (2 if vwn.resolved_embedding == "factorized" else 1)
+    forward += _reduce_forward_flops(vwn, d) * (2 if vwn.resolved_embedding == "factorized" else 1)
     if vwn.resolved_embedding == "projected":
         forward += 2 * 2 * (vwn.n - 1) * d * d
     return 3 * forward
+
+
+def _reduce_forward_flops(vwn: VwnConfig, hidden_size: int) -> int:
+    """Forward FLOPs per token of GHC's ``W_reduce: D' -> D`` (0 when there is no reduce)."""
+    wide = virtual_width(vwn, hidden_size)
+    return 2 * wide * hidden_size if vwn.connection == "ghc" and wide > hidden_size else 0
 
 
 def _layer_forward_flops(model: ModelConfig) -> int:
@@ -150,14 +154,10 @@ def mtp_flops_per_token(model: ModelConfig, vocab_size: int) -> int:
     if not depths:
         return 0
     vwn, d = model.vwn, model.hidden_size
-    forward = _layer_forward_flops(model) + 2 * vocab_size * d
+    mixer = 4 * (d // vwn.m) * virtual_width(vwn, d)  # the backbone's m = n = 1: 4 D^2
+    forward = _layer_forward_flops(model) + 2 * vocab_size * d + mixer
     if vwn.enabled:
-        wide = virtual_width(vwn, d)
-        forward += 4 * (d // vwn.m) * wide + layer_connection_flops_per_token(vwn, d)
-        if vwn.connection == "ghc" and wide > d:
-            forward += 2 * wide * d
-    else:
-        forward += 4 * d * d
+        forward += layer_connection_flops_per_token(vwn, d) + _reduce_forward_flops(vwn, d)
     return 3 * depths * forward
 
 
