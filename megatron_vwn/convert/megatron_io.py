@@ -74,6 +74,7 @@ def ensure_single_process_world(seed: int = 1234) -> None:
     from megatron.core import parallel_state
 
     from megatron_vwn.launch.env import free_port
+    from megatron_vwn.model.mcore_compat import define_missing_te_gemm
     from megatron_vwn.parallel.cpu import enable_cpu_support
     from megatron_vwn.parallel.distributed import set_seed
 
@@ -82,6 +83,7 @@ def ensure_single_process_world(seed: int = 1234) -> None:
             "conversion runs on the CPU: hide the GPUs (CUDA_VISIBLE_DEVICES= ; the "
             "megatron-vwn convert command does this itself)")
     enable_cpu_support()
+    define_missing_te_gemm()
     if torch.distributed.is_initialized():
         if torch.distributed.get_world_size() != 1:
             raise RuntimeError("conversion runs in one process; start it without torchrun")

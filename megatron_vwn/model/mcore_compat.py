@@ -19,6 +19,11 @@ number, so a release in between or after works where its API does:
   0.19): ``VWNTransformerLayer`` calls them with the keywords of :data:`LAYER_FORWARD_KEYWORDS`,
   which both releases accept; ``tests/unit/test_mcore_compat.py`` checks the signatures so an
   upstream change fails there, not deep inside a training step.
+* MoE router without Transformer Engine: 0.16.1's ``moe_utils`` imports ``te_general_gemm`` only
+  when TE imports, yet its router GEMM tests the name for ``None`` on every forward, so without TE
+  (CPU, or a GPU image without it) the first MoE step is a ``NameError``.
+  :func:`define_missing_te_gemm` defines it as ``None``, the value the router's plain matmul path
+  expects; a release that defines the name is left alone.
 """
 
 from __future__ import annotations
@@ -36,7 +41,7 @@ from megatron.core.transformer.multi_token_prediction import MultiTokenPredictio
 from megatron_vwn.checkpoint.errors import CheckpointError
 
 __all__ = ["GPTModel", "MTP_INNER_LAYER", "LAYER_FORWARD_KEYWORDS", "mtp_layer_submodules",
-           "canonical_checkpoint_keys", "load_common_state_dict"]
+           "canonical_checkpoint_keys", "load_common_state_dict", "define_missing_te_gemm"]
 
 _MTP_FIELDS = {f.name for f in dataclasses.fields(MultiTokenPredictionLayerSubmodules)}
 MTP_INNER_LAYER = "mtp_model_layer" if "mtp_model_layer" in _MTP_FIELDS else "transformer_layer"
@@ -51,6 +56,15 @@ LAYER_FORWARD_KEYWORDS = {
     "_forward_mlp": ("inference_context", "padding_mask"),
 }
 """Keywords ``VWNTransformerLayer`` passes to the stock layer's forward pieces."""
+
+
+def define_missing_te_gemm() -> None:
+    """Give the MoE router's ``te_general_gemm`` the value ``None`` where TE did not define it
+    (any device: see the module docstring)."""
+    from megatron.core.transformer.moe import moe_utils
+
+    if not hasattr(moe_utils, "te_general_gemm"):
+        moe_utils.te_general_gemm = None
 
 
 def mtp_layer_submodules(*, enorm, hnorm, eh_proj, layer, layer_norm):

@@ -137,10 +137,4 @@ def enable_cpu_support() -> None:
     mp_random._CUDA_RNG_STATE_TRACKER_INITIALIZED = True
     mp_random.initialize_rng_tracker = lambda *args, **kwargs: None
     torch.cuda.manual_seed = lambda seed: None
-
-    # MoE routing without Transformer Engine refers to a name only TE defines (0.16.1).
-    from megatron.core.transformer.moe import moe_utils
-
-    if not hasattr(moe_utils, "te_general_gemm"):
-        moe_utils.te_general_gemm = None
     logger.debug("Megatron-Core CPU support enabled")

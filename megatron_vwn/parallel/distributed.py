@@ -12,6 +12,7 @@ from megatron.core import parallel_state, tensor_parallel
 
 from megatron_vwn.config.schema import Config
 from megatron_vwn.launch.env import DistEnv
+from megatron_vwn.model.mcore_compat import define_missing_te_gemm
 from megatron_vwn.parallel.cpu import cpu_mode, enable_cpu_support
 from megatron_vwn.parallel.watchdog import default_timeout_s, start_watchdog, stop_watchdog
 
@@ -24,6 +25,7 @@ def initialize_distributed(cfg: Config, dist: DistEnv, on_lost=None) -> None:
     completes its message (e.g. with the latest checkpoint).
     """
     enable_cpu_support()
+    define_missing_te_gemm()  # MoE routing without Transformer Engine, on CPU and GPU alike
     if not cpu_mode():
         torch.cuda.set_device(dist.local_rank)
     timeout_s = default_timeout_s(cfg.parallel.timeout_s)

@@ -79,3 +79,19 @@ def test_a_newer_format_checkpoint_is_refused_in_one_line(tmp_path):
     with pytest.raises(CheckpointError, match=r"written by a newer Megatron-Core .* reads only "
                                               r"common\.pt"):
         mcore_compat.load_common_state_dict(tmp_path)
+
+
+def test_moe_router_gemm_runs_without_transformer_engine(monkeypatch):
+    """Without TE, 0.16.1's router GEMM reads a name only TE defines; after
+    ``define_missing_te_gemm`` (called by ``initialize_distributed`` on CPU and GPU alike) it
+    takes the plain matmul path."""
+    from megatron.core.transformer.moe import moe_utils
+
+    if getattr(moe_utils, "HAVE_TE", False):
+        pytest.skip("Transformer Engine defines te_general_gemm itself")
+    monkeypatch.delattr(moe_utils, "te_general_gemm", raising=False)
+    mcore_compat.define_missing_te_gemm()
+    assert moe_utils.te_general_gemm is None
+    inp, weight = torch.randn(5, 8), torch.randn(4, 8)
+    logits = moe_utils.router_gating_linear(inp, weight, None, torch.float32)
+    torch.testing.assert_close(logits, inp @ weight.T)
