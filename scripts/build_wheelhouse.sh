@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
-# Build, on a machine with PyPI, the wheelhouse that scripts/gpu_check.sh installs from on a GPU
+# Build, on a machine with PyPI, the wheelhouse that scripts/gpu_check.py installs from on a GPU
 # machine that has CUDA, Python 3.12, torch and Triton but no package registry.
 #
 #   bash scripts/build_wheelhouse.sh [OUT_DIR]        # default: wheelhouse/ (gitignored)
 #
-# It holds cp312 manylinux x86_64 wheels of what such a machine lacks (megatron-core; its own
-# dependencies numpy/packaging, and ours — PyYAML, sentencepiece, psutil, tqdm — are assumed
-# there, as on this workplace's GPU image), fetched with pip's --platform options, plus
-# megatron-vwn's own wheel. wandb is not needed: gpu_check.sh runs with logging.wandb=off and
-# the package imports it only when logging to wandb. Transformer Engine goes in only if a binary
+# It holds cp312 manylinux x86_64 wheels of what such a machine lacks: megatron-core, fetched
+# with pip's --platform options. Its own dependencies (numpy, packaging) and ours (PyYAML,
+# sentencepiece, psutil, tqdm; matplotlib for reports) are on this workplace's GPU image
+# (docs/gpu.md). megatron-vwn itself runs from the carried tree, not a wheel: its configs/ live
+# beside the package. wandb is not needed: the check runs with logging.wandb=off and the package
+# imports it only when logging to wandb. Transformer Engine goes in only if a binary
 # wheel for the platform can be had within the size budget; otherwise the device check runs the
 # local spec and says so. The whole wheelhouse must stay under 64 MiB (what the device tool
 # carries); the script fails above that.
@@ -29,7 +30,6 @@ rm -rf "$OUT"
 mkdir -p "$OUT"
 echo "wheelhouse: $OUT"
 "${FETCH[@]}" "$MEGATRON_CORE"
-"$PY" -m pip wheel --quiet --no-deps --wheel-dir "$OUT" "$ROOT"  # builds in isolation (PyPI)
 
 # Transformer Engine: its PyTorch extension ships as a source distribution and its core library
 # wheel is far above the budget, so this normally finds nothing that fits.
