@@ -123,19 +123,18 @@ class Ctx:
 def check_steps(c: Ctx) -> list[Step]:
     pytest = [c.py, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "gpu", "tests/gpu"]
     interpret = {"TRITON_INTERPRET": "1"} if c.smoke else {}
-    bench = [c.py, "scripts/bench_vwn.py", "--json", "--variants", "backbone", "2x (8,16)",
-             "8x (8,64)", "8x (8,64) recompute=ghc"]
-    bench += (["--hidden", "128", "--seq", "8", "--vocab", "128", "--layers", "1", "--rounds",
-               "1", "--steps", "1", "--layer-reps", "1"] if c.smoke else
-              ["--hidden", "2048", "--seq", "2048", "--mbs", "2", "--precision", "bf16",
-               "--rounds", "3"])
+    bench = [c.py, "scripts/bench_vwn.py", "--json", "--variants"]
+    bench += (["backbone", "8x (8,64)", "--hidden", "64", "--seq", "8", "--vocab", "128",
+               "--layers", "1", "--rounds", "1", "--steps", "1", "--layer-reps", "1"] if c.smoke
+              else ["backbone", "2x (8,16)", "8x (8,64)", "8x (8,64) recompute=ghc", "--hidden",
+                    "2048", "--seq", "2048", "--mbs", "2", "--precision", "bf16", "--rounds", "3"])
     common = ["logging.wandb=off", "logging.interval=1", "train.eval_interval=0",
               f"data.cache_dir={c.cache}"]
+    toy = ["model.num_layers=1", "model.hidden_size=64", "model.num_attention_heads=4",
+           "model.num_query_groups=2", "model.ffn_hidden_size=128", "model.seq_length=32"]
     if c.smoke:
-        big = ["tiny", "model.num_layers=1", "model.hidden_size=64",
-               "model.num_attention_heads=4", "model.num_query_groups=2",
-               "model.ffn_hidden_size=128", "model.seq_length=32", "train.micro_batch_size=2",
-               "train.global_batch_size=2", "train.iters=4"]
+        big = ["tiny", *toy, "train.micro_batch_size=2", "train.global_batch_size=2",
+               "train.iters=4"]
     else:  # 1.1B parameters: gpt_1p3b on one GPU with a 4k vocabulary
         big = ["gpt_1p3b", "parallel.tensor=1", "parallel.sequence_parallel=false",
                "data.tokenizer_vocab_size=4096", "train.micro_batch_size=4",
@@ -146,10 +145,9 @@ def check_steps(c: Ctx) -> list[Step]:
         "train.warmup_iters=1", "model.seq_length=64", "train.micro_batch_size=2",
         "train.global_batch_size=2", *common, f"run.dir={c.work / 'moe'}"),
         skip="" if MOE_CONFIG.is_file() else MOE_MISSING)
-    ckpt = ["model.num_layers=2", "train.micro_batch_size=4", "train.global_batch_size=8",
-            "train.warmup_iters=2", "checkpoint.save_interval=4", *common]
-    if not c.smoke:
-        ckpt.append("checkpoint.async_save=true")
+    ckpt = ["train.micro_batch_size=4", "train.global_batch_size=8", "train.warmup_iters=2",
+            "checkpoint.save_interval=4", *common,
+            *(toy if c.smoke else ["model.num_layers=2", "checkpoint.async_save=true"])]
     return [
         c.install_step(),
         Step("environment", c.limit(10, 60), c.probe("env")),
