@@ -178,22 +178,25 @@ def width_steps(c: Ctx) -> list[Step]:
                 "--probe-iters", "12", "--probe-warmup", "4"]
     common = [*data, "train.lr=2e-3", "train.min_lr=2e-4", "logging.wandb=off"]
     missing = [] if c.smoke else [f for f in CORPUS_FILES if not (ROOT / f).is_file()]
+    moe_limit = c.limit(16, 120)
+    if MOE_CONFIG.is_file():
+        size += ["--moe-config", "moe/tiny", "--moe-limit", str(moe_limit)]
     steps = [
         c.install_step(),
         Step("environment", c.limit(10, 60), c.probe("env")),
-        Step("size_probe", c.limit(40, 180), c.probe(
+        Step("size_probe", c.limit(45, 180), c.probe(
             "size", plan, *size, "--run-limit", str(run_limit), "--cache", c.cache,
             "--common", *common),
             skip=f"not run: {', '.join(missing)} missing (scripts/build_benchmark_corpus.py "
                  f"--out data/benchmark --tokenize --vocab-size 8192, then carry them)"
             if missing else ""),
-        Step("triton_warm", c.limit(15, 120), c.probe("warm", plan, "--tokens",
+        Step("triton_warm", c.limit(12, 120), c.probe("warm", plan, "--tokens",
                                                       "16" if c.smoke else "256"),
              {"TRITON_INTERPRET": "1"} if c.smoke else {}),
     ]
     steps += [Step(f"dense_{w}", run_limit, c.probe("width", plan, w))
               for w in ("x1", "x2", "x4", "x8")]
-    steps += [Step(f"moe_{w}", c.limit(16, 120), c.probe("width", plan, f"moe_{w}",
+    steps += [Step(f"moe_{w}", moe_limit, c.probe("width", plan, f"moe_{w}",
                                                          "--config", "moe/tiny"),
                    skip="" if MOE_CONFIG.is_file() else MOE_MISSING) for w in ("x1", "x8")]
     steps.append(Step("report", c.limit(12, 60), c.probe("report", str(c.work))))
@@ -375,15 +378,22 @@ def width_report(results: list[Result], c: Ctx) -> str:
     plan_file = c.work / "plan.json"
     if plan_file.is_file():
         plan = json.loads(plan_file.read_text())
-        lines += [f"Every run trained the same {plan['tokens']:,} tokens ({plan['iters']} "
+        lines += [f"Every dense run trained the same {plan['tokens']:,} tokens ({plan['iters']} "
                   f"iterations of {plan['tokens_per_iter']:,}), {plan['epoch_fraction']:.1%} of "
                   f"one epoch of the train split ({plan['epoch_tokens']:,} tokens), so no "
                   f"training token was seen twice; the budget is bound by {plan['bound']}. "
                   f"Held-out loss every {plan['eval_interval']} iterations on the same tokens "
-                  f"(train.eval_mode=fixed). Size probe (8x, medians after warm-up):", ""]
-        lines += [f"- shape {tuple(p['shape'])}: {p['tokens_per_s_8x']:.0f} tokens/s, "
-                  f"{p['iter_time_s'] * 1e3:.1f} ms/iteration, setup {p['setup_s']:.0f} s"
+                  f"(train.eval_mode=fixed). Size probe (the 8x of each shape tried; "
+                  f"shape = layers, hidden, heads, query groups, FFN; medians after warm-up):",
+                  ""]
+        lines += [f"- {p['shape'] if isinstance(p['shape'], str) else tuple(p['shape'])}: "
+                  f"{p['tokens_per_s']:.0f} tokens/s, {p['iter_time_s'] * 1e3:.1f} ms/iteration, "
+                  f"setup {p['setup_s']:.0f} s, warm-up {p['warmup_s']:.1f} s"
                   for p in plan["probes"]]
+        if "moe_iters" in plan:
+            lines += ["", f"The MoE pair trained {plan['moe_iters'] * plan['tokens_per_iter']:,} "
+                          f"tokens each ({plan['moe_iters']} iterations): the dense budget or "
+                          f"what its 8x does in its time limit, whichever is less."]
         lines.append("")
     for group in ("dense", "moe"):
         report = c.work / "report" / group / "report.md"

@@ -180,13 +180,20 @@ def shape_overrides(shape) -> list[str]:
 
 
 def width_overrides(plan: dict, name: str, run_dir: Path) -> list[str]:
-    m, n = WIDTHS[name]
-    vwn = [] if name == "x1" else [f"model.vwn.m={m}", f"model.vwn.n={n}"]
-    return [*plan["common"], *vwn, f"train.iters={plan['iters']}",
-            f"train.lr_decay_iters={plan['iters']}",
-            f"train.warmup_iters={max(1, plan['iters'] // 20)}",
-            f"train.eval_interval={plan['eval_interval']}", f"run.dir={run_dir}",
-            f"run.name={name}"]
+    """A run of the plan: ``x1``..``x8`` dense, ``moe_x1``/``moe_x8`` the MoE model in its own
+    shape with the MoE pair's budget."""
+    moe = name.startswith("moe_")
+    m, n = WIDTHS[name.removeprefix("moe_")]
+    iters = plan["moe_iters"] if moe else plan["iters"]
+    common = plan["common"]
+    if moe:
+        shape_keys = {o.split("=")[0] for o in shape_overrides(plan["shape"])}
+        common = [o for o in common if o.split("=")[0] not in shape_keys]
+    vwn = [] if (m, n) == (1, 1) else [f"model.vwn.m={m}", f"model.vwn.n={n}"]
+    return [*common, *vwn, f"train.iters={iters}", f"train.lr_decay_iters={iters}",
+            f"train.warmup_iters={max(1, iters // 20)}",
+            f"train.eval_interval={plan['moe_eval_interval' if moe else 'eval_interval']}",
+            f"run.dir={run_dir}", f"run.name={name}"]
 
 
 def epoch_tokens(overrides: list[str]) -> int:
@@ -208,9 +215,11 @@ def epoch_tokens(overrides: list[str]) -> int:
 
 def cmd_size(ns) -> int:
     """Probe the 8x of the middle shape of the ladder; one shape up if the wanted budget (one
-    epoch; less under --max-iters) fits the run's time limit, one down if it does not; keep the
-    largest that fits (else the smallest). The token budget is then that or what the 8x does in
-    its time, whichever is less, the same for every run."""
+    epoch; less under --max-iters) fits a run's time limit, one down if it does not; keep the
+    largest that fits (else the smallest). The dense runs' token budget is then that or what
+    the 8x does in its time, whichever is less, the same for all four. With --moe-config the
+    MoE model's 8x is probed too, and the MoE pair gets the dense budget or what fits its own
+    limit, whichever is less, the same for both."""
     import torch
 
     common = [*ns.common, f"model.seq_length={ns.seq}", f"train.micro_batch_size={ns.batch}",
@@ -222,42 +231,52 @@ def cmd_size(ns) -> int:
     wanted_iters = min(epoch_iters, ns.max_iters or epoch_iters)
     ladder = LADDER[ns.ladder]
 
-    def probe(index: int) -> dict:
-        overrides = [*common, *shape_overrides(ladder[index]), "model.vwn.m=8", "model.vwn.n=64",
+    def probe(name: str, config: str, shape: list[str], run_limit: float) -> dict:
+        overrides = [*common, *shape, "model.vwn.m=8", "model.vwn.n=64",
                      f"train.iters={ns.probe_iters}", "train.eval_interval=0",
-                     f"run.dir={Path(ns.plan).parent / f'probe{index}'}"]
-        _, rows, setup_s, _ = train("tiny", overrides)
+                     f"run.dir={Path(ns.plan).parent / 'probes' / name}"]
+        _, rows, setup_s, _ = train(config, overrides)
         result = throughput(rows, ns.probe_warmup)
-        # A run's time: setup, iterations, 8 held-out scorings of eval_iters forward passes
-        # (a third of a training iteration each); 25% kept back for the noise of a first run.
-        train_s = 0.75 * ns.run_limit - setup_s
-        per_iter = result["iter_time_s"]
-        iters_in_time = int(train_s / per_iter - 8 * ns.eval_iters / 3)
-        result.update(shape=ladder[index], setup_s=setup_s, iters_in_time=iters_in_time,
-                      fits=iters_in_time >= wanted_iters)
+        first = [r["iter_time_s"] for r in rows if r["split"] == "train"][:ns.probe_warmup]
+        warmup_s = sum(first) - len(first) * result["iter_time_s"]  # compiles, allocator
+        # A run's time: setup, warm-up, its iterations and 8 held-out scorings of eval_iters
+        # forward passes (a third of an iteration each); 30% kept back for a run's own noise.
+        train_s = 0.7 * run_limit - setup_s - warmup_s
+        iters_in_time = int(train_s / result["iter_time_s"] - 8 * ns.eval_iters / 3)
+        result.update(name=name, setup_s=setup_s, warmup_s=warmup_s,
+                      iters_in_time=iters_in_time, fits=iters_in_time >= wanted_iters)
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
         return result
 
+    def dense(index: int) -> dict:
+        return probe(f"dense{index}", "tiny", shape_overrides(ladder[index]), ns.run_limit)
+
     middle = len(ladder) // 2
-    probes = {middle: probe(middle)}
+    probes = {middle: dense(middle)}
     step = -1 if probes[middle]["fits"] else 1
     if 0 <= middle + step < len(ladder):
-        probes[middle + step] = probe(middle + step)
+        probes[middle + step] = dense(middle + step)
     fitting = [i for i in sorted(probes) if probes[i]["fits"]]
     chosen = fitting[0] if fitting else max(probes)
     iters = max(2, min(wanted_iters, probes[chosen]["iters_in_time"]))
+    measured = [{**probes[i], "shape": ladder[i]} for i in sorted(probes)]
     plan = {"shape": ladder[chosen], "iters": iters, "eval_interval": max(1, iters // 8),
             "tokens_per_iter": tokens_per_iter, "tokens": iters * tokens_per_iter,
             "epoch_tokens": epoch, "epoch_fraction": iters * tokens_per_iter / epoch,
             "bound": "one epoch" if iters == epoch_iters else
                      "CPU smoke cap" if iters == ns.max_iters else "the run's time limit",
-            "probes": [{"shape": p["shape"], "tokens_per_s_8x": p["tokens_per_s"],
-                        "iter_time_s": p["iter_time_s"], "setup_s": p["setup_s"],
-                        "iters_in_time": p["iters_in_time"]} for p in probes.values()],
             "common": [*common, *shape_overrides(ladder[chosen]), "logging.interval=10"]}
+    if ns.moe_config:
+        moe = probe("moe", ns.moe_config, [], ns.moe_limit)
+        measured.append({**moe, "shape": ns.moe_config})
+        plan["moe_iters"] = max(2, min(iters, moe["iters_in_time"]))
+        plan["moe_eval_interval"] = max(1, plan["moe_iters"] // 8)
+    plan["probes"] = [{k: p[k] for k in ("shape", "tokens_per_s", "iter_time_s", "setup_s",
+                                         "warmup_s", "iters_in_time")} for p in measured]
     Path(ns.plan).write_text(json.dumps(plan, indent=1))
-    emit({k: plan[k] for k in ("shape", "iters", "tokens", "epoch_fraction", "bound", "probes")})
+    emit({k: plan[k] for k in ("shape", "iters", "tokens", "epoch_fraction", "bound", "probes")}
+         | {k: plan[k] for k in ("moe_iters",) if k in plan})
     return 0
 
 
@@ -293,10 +312,7 @@ def cmd_warm(ns) -> int:
 def cmd_width(ns) -> int:
     plan = json.loads(Path(ns.plan).read_text())
     run_dir = Path(ns.plan).parent / "runs" / ns.name
-    overrides = width_overrides(plan, ns.name.removeprefix("moe_"), run_dir)
-    if ns.name.startswith("moe_"):  # the MoE model keeps its own shape
-        shape_keys = {o.split("=")[0] for o in shape_overrides(plan["shape"])}
-        overrides = [o for o in overrides if o.split("=")[0] not in shape_keys]
+    overrides = width_overrides(plan, ns.name, run_dir)
     started = time.perf_counter()
     _, rows, setup_s, _ = train(ns.config, overrides)
     valid = [r for r in rows if r["split"] == "valid"]
@@ -345,6 +361,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--probe-iters", type=int, required=True)
     p.add_argument("--probe-warmup", type=int, required=True)
     p.add_argument("--max-iters", type=int, default=0, help="cap (CPU smoke); 0: none")
+    p.add_argument("--moe-config", help="the MoE model's config, when there is one")
+    p.add_argument("--moe-limit", type=float, default=0, help="an MoE run's limit (s)")
     p.add_argument("--cache", required=True, help="data.cache_dir")
     p.add_argument("--common", nargs="*", default=[], help="overrides every run shares")
     p.set_defaults(run=cmd_size)
