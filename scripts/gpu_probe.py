@@ -8,7 +8,8 @@ the report reads (logs go to stderr).
                             save is ~13 GB and is not what is measured); tokens/s, TFLOP/s, MFU
                             and peak memory as medians over the iterations after --warmup
   resume WORK [k=v]         8 iterations straight vs 4 + resume + 4 through the CLI (async
-                            save where the config turns it on): bit-exact or not
+                            save where the config turns it on): bit-exact, or on a GPU no
+                            further apart than two straight runs
   size PLAN ...             the width mini-sweep's shape and token budget, from a throughput
                             probe of its 8x (the slowest run) after warm-up
   warm PLAN                 compile the Triton GHC kernels of every width in the plan, so that
@@ -138,7 +139,12 @@ def cmd_train(ns) -> int:
 
 
 def cmd_resume(ns) -> int:
-    """Straight 8 iterations vs 4, then a new process that resumes and runs 4 more."""
+    """Straight 8 iterations vs 4, then a new process that resumes and runs 4 more. On a GPU a
+    second straight run gives the floor: some kernels (attention's backward) are not
+    deterministic there, so the resumed run must differ from the straight one by no more than
+    two straight runs differ from each other; on CPU that floor is 0 (bit-exact)."""
+    import torch
+
     work = Path(ns.work)
 
     def cli(run_dir: Path, iters: int) -> None:
@@ -150,17 +156,25 @@ def cmd_resume(ns) -> int:
         rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").open()]
         return {r["iteration"]: r["lm_loss"] for r in rows if r["split"] == "train"}
 
+    def max_rel_diff(a: dict[int, float], b: dict[int, float]) -> float:
+        return max(abs(a[i] - b[i]) / abs(a[i]) for i in (5, 6, 7, 8))
+
     started = time.perf_counter()
     cli(work / "straight", 8)
     cli(work / "resumed", 4)
     cli(work / "resumed", 8)
     straight, resumed = losses(work / "straight"), losses(work / "resumed")
     after = [i for i in sorted(resumed) if i > 4]
-    diff = max(abs(straight[i] - resumed[i]) / abs(straight[i]) for i in after)
+    floor = 0.0
+    if torch.cuda.is_available():
+        cli(work / "straight_again", 8)
+        floor = max_rel_diff(straight, losses(work / "straight_again"))
+    diff = max_rel_diff(straight, resumed) if after == [5, 6, 7, 8] else math.inf
     checkpoints = sorted(p.name for p in (work / "resumed" / "checkpoints").glob("iter_*"))
-    emit({"iterations": after, "max_rel_diff": diff, "exact": diff == 0.0,
-          "checkpoints": checkpoints, "seconds": time.perf_counter() - started})
-    return 0 if after == [5, 6, 7, 8] and diff == 0.0 else 1
+    emit({"iterations": after, "max_rel_diff": diff, "straight_runs_rel_diff": floor,
+          "exact": diff == 0.0, "checkpoints": checkpoints,
+          "seconds": time.perf_counter() - started})
+    return 0 if diff <= floor else 1
 
 
 # --- the width mini-sweep -----------------------------------------------------------------------
