@@ -6,10 +6,10 @@
   python3 scripts/gpu_check.py --cpu-smoke [--out DIR]   # both parts at toy size on CPU
   python3 scripts/gpu_check.py --carry                   # what the two calls carry, in bytes
 
-check: install the wheelhouse; the Triton GHC kernels against the torch path in bf16 (which
-also fills Triton's compile cache before any timing); the other gpu-marked tests;
-bench_vwn.py at D = 2048 in bf16 with the torch and the Triton kernels; tokens/s, TFLOP/s,
-MFU and peak memory of a ~1B backbone; one MoE step; an async checkpoint save and exact resume.
+check: install the wheelhouse; the Triton GHC kernels against the torch path in bf16; the
+other gpu-marked tests; the bench's kernels compiled into Triton's cache; bench_vwn.py at
+D = 2048 in bf16 with the torch and the Triton kernels; tokens/s, TFLOP/s, MFU and peak memory
+of a ~1B backbone; one MoE step; an async checkpoint save and exact resume.
 width: a width mini-sweep (backbone, 2x, 4x, 8x of a dense model; backbone and 8x of the MoE
 model) on the benchmark corpus, every run the same token budget within one epoch, sized from a
 throughput probe of the 8x after warm-up; fixed held-out evaluation; ``megatron-vwn report``.
@@ -151,15 +151,18 @@ def check_steps(c: Ctx) -> list[Step]:
     return [
         c.install_step(),
         Step("environment", c.limit(8, 60), c.probe("env")),
-        Step("kernels_bf16", c.limit(48, 120), [*pytest, "-k", "triton and bf16"]),
-        Step("gpu_tests", c.limit(30, 120), [*pytest, "-k", "not (triton and bf16)"]),
-        Step("bench_vwn_torch", c.limit(27, 120), [*bench, "--kernel", "torch"]),
-        Step("bench_vwn_triton", c.limit(27, 180), [*bench, "--kernel", "triton"], interpret),
-        Step("backbone_1b", c.limit(35, 120), c.probe(
+        Step("kernels_bf16", c.limit(42, 120), [*pytest, "-k", "triton and bf16"]),
+        Step("gpu_tests", c.limit(28, 120), [*pytest, "-k", "not (triton and bf16)"]),
+        Step("triton_warm", c.limit(20, 120), c.probe(
+            "warm", "--hidden", "64" if c.smoke else "2048", "--widths", "x2", "x8",
+            "--tokens", "16" if c.smoke else "4096"), interpret),  # the bench's seq x mbs
+        Step("bench_vwn_torch", c.limit(22, 120), [*bench, "--kernel", "torch"]),
+        Step("bench_vwn_triton", c.limit(22, 180), [*bench, "--kernel", "triton"], interpret),
+        Step("backbone_1b", c.limit(33, 120), c.probe(
             "train", "--warmup", "3", "~1B backbone", *big, "train.warmup_iters=2",
             f"train.lr_decay_iters={iters}", *common, f"run.dir={c.work / 'backbone_1b'}")),
         moe,
-        Step("ckpt_async_resume", c.limit(51, 180),
+        Step("ckpt_async_resume", c.limit(49, 180),
              c.probe("resume", str(c.work / "ckpt"), *ckpt)),
     ]
 
@@ -184,15 +187,15 @@ def width_steps(c: Ctx) -> list[Step]:
     steps = [
         c.install_step(),
         Step("environment", c.limit(10, 60), c.probe("env")),
-        Step("size_probe", c.limit(50, 180), c.probe(
+        Step("size_probe", c.limit(45, 180), c.probe(
             "size", plan, *size, "--run-limit", str(run_limit), "--cache", c.cache,
             "--common", *common),
             skip=f"not run: {', '.join(missing)} missing (scripts/build_benchmark_corpus.py "
                  f"--out data/benchmark --tokenize --vocab-size 8192, then carry them)"
             if missing else ""),
-        Step("triton_warm", c.limit(12, 120), c.probe("warm", plan, "--tokens",
-                                                      "16" if c.smoke else "256"),
-             {"TRITON_INTERPRET": "1"} if c.smoke else {}),
+        Step("triton_warm", c.limit(17, 120), c.probe(
+            "warm", "--plan", plan, "--widths", "x2", "x4", "x8", "--tokens",
+            "16" if c.smoke else "256"), {"TRITON_INTERPRET": "1"} if c.smoke else {}),
     ]
     steps += [Step(f"dense_{w}", run_limit, c.probe("width", plan, w))
               for w in ("x1", "x2", "x4", "x8")]

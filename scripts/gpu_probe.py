@@ -12,8 +12,8 @@ the report reads (logs go to stderr).
                             further apart than two straight runs
   size PLAN ...             the width mini-sweep's shape and token budget, from a throughput
                             probe of its 8x (the slowest run) after warm-up
-  warm PLAN                 compile the Triton GHC kernels of every width in the plan, so that
-                            no run spends its time limit compiling
+  warm                      compile the Triton GHC kernels of the given widths, so that no
+                            timed run spends its time or its limit compiling
   width PLAN NAME           one run of the mini-sweep, as the plan says
   report WORK               megatron-vwn report over the dense runs (curves, speed-ups, the fit
                             over 2x-8x) and, apart, over the MoE pair (its 8x against its own
@@ -295,20 +295,21 @@ def cmd_size(ns) -> int:
 
 
 def cmd_warm(ns) -> int:
-    """Forward and backward of one GHC module per width at the plan's shape and dtype: Triton
-    keys its cache on the constexpr shapes (m, n, d_b), the dtype and the alignment of the
-    integer arguments, so any multiple of 16 tokens (as every run's count is) warms every run."""
+    """Forward and backward of one GHC module per width at the given hidden size (or the
+    plan's) in the training dtype: Triton keys its cache on the constexpr shapes (m, n, d_b),
+    the dtype and whether each integer argument is 1 or a multiple of 16, so a token count
+    that is a multiple of 16, as every timed run's is, warms what those runs use (the gpu
+    tests' odd 301 tokens compile other variants)."""
     import torch
 
     from megatron_vwn.model.width.ghc import GHC, vwn_init
 
     cuda = torch.cuda.is_available()
     device, dtype = ("cuda", torch.bfloat16) if cuda else ("cpu", torch.float32)
-    hidden = json.loads(Path(ns.plan).read_text())["shape"][1]
+    hidden = ns.hidden or json.loads(Path(ns.plan).read_text())["shape"][1]
     started, compiled = time.perf_counter(), []
-    for name, (m, n) in WIDTHS.items():
-        if name == "x1":
-            continue
+    for name in ns.widths:
+        m, n = WIDTHS[name]
         d_b = hidden // m
         ghc = GHC(m, n, d_b, vwn_init(m, n, d_b), device=device, kernel="triton").to(dtype)
         state = torch.randn(ns.tokens, 1, n * d_b, device=device, dtype=dtype, requires_grad=True)
@@ -381,8 +382,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--common", nargs="*", default=[], help="overrides every run shares")
     p.set_defaults(run=cmd_size)
     p = sub.add_parser("warm")
-    p.add_argument("plan")
-    p.add_argument("--tokens", type=int, default=256)
+    given = p.add_mutually_exclusive_group(required=True)
+    given.add_argument("--plan", help="the size probe's plan: its hidden size")
+    given.add_argument("--hidden", type=int)
+    p.add_argument("--widths", nargs="+", choices=[w for w in WIDTHS if w != "x1"],
+                   required=True)
+    p.add_argument("--tokens", type=int, required=True, help="a multiple of 16, like the runs'")
     p.set_defaults(run=cmd_warm)
     p = sub.add_parser("width")
     p.add_argument("plan")

@@ -43,8 +43,8 @@ def test_dry_run_prints_every_step_and_each_part_fits_one_call():
     parts = _dry_run()
     assert list(parts) == ["check", "width"]
     assert list(parts["check"]) == ["install_wheels", "environment", "kernels_bf16", "gpu_tests",
-                                    "bench_vwn_torch", "bench_vwn_triton", "backbone_1b",
-                                    "moe_step", "ckpt_async_resume"]
+                                    "triton_warm", "bench_vwn_torch", "bench_vwn_triton",
+                                    "backbone_1b", "moe_step", "ckpt_async_resume"]
     assert list(parts["width"]) == ["install_wheels", "environment", "size_probe",
                                     "triton_warm", "dense_x1", "dense_x2", "dense_x4", "dense_x8",
                                     "moe_x1", "moe_x8", "report"]
