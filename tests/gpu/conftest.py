@@ -1,4 +1,4 @@
-"""GPU tests: skipped without CUDA; run by ``scripts/gpu_check.sh`` on a device machine."""
+"""GPU tests: skipped without CUDA; run by ``scripts/gpu_check.py --part check`` on a device."""
 
 from __future__ import annotations
 

@@ -1,8 +1,9 @@
 """On a CUDA device: the compiled Triton GHC kernels against the torch functions (bf16 and fp32),
 Transformer Engine against the local spec, bf16 against fp32 training loss.
 
-Every test is ``gpu``-marked and skips without CUDA (``conftest.py``); ``scripts/gpu_check.sh``
-runs them first on a device machine. Shapes are few, so Triton compiles few kernel variants.
+Every test is ``gpu``-marked and skips without CUDA (``conftest.py``); the check part of
+``scripts/gpu_check.py`` runs them on a device machine, the bf16 kernel cases as one step and the
+rest as the next. Shapes are few, so Triton compiles few kernel variants.
 """
 
 from __future__ import annotations
