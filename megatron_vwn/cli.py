@@ -162,7 +162,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         ns.args.extend(extra)
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
-    from megatron_vwn.training.faults import TrainingFault, report_fault
+    from megatron_vwn.training.faults import LostRank, TrainingFault, report_fault
+    from megatron_vwn.training.lifetime import exit_now
 
     try:
         return ns.run(ns)
@@ -172,6 +173,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except TrainingFault as exc:  # NaN/Inf, a lost rank, a failed save: docs/reliability.md
         if exc.report:
             report_fault(exc.exit_code, str(exc))
+        if isinstance(exc, LostRank):  # no orderly shutdown with a peer gone: end here
+            exit_now(exc.exit_code)
         return exc.exit_code
 
 
