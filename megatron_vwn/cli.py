@@ -58,6 +58,9 @@ def cmd_train(ns: argparse.Namespace) -> int:
         if ns.nproc < 1:
             raise ConfigError(f"--nproc ({ns.nproc}) must be >= 1")
         validate(cfg, ns.nproc)
+        from megatron_vwn.training.run_lease import check_run_dir_free
+
+        check_run_dir_free(cfg.run.dir)
         from megatron_vwn.data.datasets import prepare_data
 
         prepare_data(cfg.data)  # missing files fail here; the bundled corpus is built once

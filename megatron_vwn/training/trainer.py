@@ -44,6 +44,7 @@ from megatron_vwn.training.faults import (
     report_fault,
 )
 from megatron_vwn.training.lifetime import STOP_GRACE_S, StopDeadline, tie_forked_children
+from megatron_vwn.training.run_lease import RunLease, check_run_dir_free
 from megatron_vwn.training.metrics import MetricsWriter
 from megatron_vwn.training.optim import build_optimizer, build_scheduler, use_distributed_optimizer
 from megatron_vwn.training.signals import StopSignals
@@ -295,13 +296,19 @@ class Trainer:
 
 
 def run_training(cfg: Config, dist: DistEnv | None = None) -> None:
-    """Entry point of one rank: validate, train, tear down."""
+    """Entry point of one rank: validate, take the run directory, train, tear down."""
     dist = dist or resolve_dist_env()
     validate(cfg, dist.world_size)
-    with RunGuard().guard() as run:  # a lost rank is named; process groups torn down
-        trainer = Trainer(cfg, dist)
-        run.latest = trainer.checkpoints.describe_latest
-        try:
-            trainer.train()
-        finally:
-            trainer.close()
+    check_run_dir_free(cfg.run.dir)  # every rank, before any process group: one writer per run
+    lease = RunLease.acquire(cfg.run.dir) if dist.rank == 0 else None
+    try:
+        with RunGuard().guard() as run:  # a lost rank is named; process groups torn down
+            trainer = Trainer(cfg, dist)
+            run.latest = trainer.checkpoints.describe_latest
+            try:
+                trainer.train()
+            finally:
+                trainer.close()
+    finally:
+        if lease is not None:
+            lease.release()
