@@ -86,6 +86,13 @@ def import_config(hf_dir: Path, overrides: list[str]) -> Config:
     tokenizer = hf_dir / "tokenizer.model"
     if tokenizer.is_file():
         raw["data"] = {"tokenizer_model": str(tokenizer.resolve())}
+    elif not any(item.startswith("data.tokenizer_model=") for item in overrides):
+        found = ("a tokenizer.json (a Hugging Face tokenizer, which megatron-vwn does not read "
+                 "yet)" if (hf_dir / "tokenizer.json").is_file() else "no tokenizer file")
+        raise ConfigError(
+            f"{hf_dir} has {found} and no tokenizer.model: give data.tokenizer_model=PATH, the "
+            f"SentencePiece model whose ids this model was trained on (training on another "
+            f"tokenizer's ids would learn the wrong tokens)")
     for item in overrides:
         key, value = parse_override(item)
         node = raw

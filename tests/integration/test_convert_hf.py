@@ -266,7 +266,8 @@ def test_llama_roundtrip_is_identical(tie, world, tmp_path, data_cache):
 
     _random_llama(tmp_path / "llama", tie)
     original = _hf_tensors(tmp_path / "llama")
-    path, report = import_hf_llama(tmp_path / "llama", tmp_path / "megatron")
+    path, report = import_hf_llama(tmp_path / "llama", tmp_path / "megatron",
+                                   [f"data.tokenizer_model={_bundled_tokenizer(data_cache)}"])
     assert set(report.values()) == {"all"}
     result = export_checkpoint(tmp_path / "megatron", tmp_path / "back", with_tokenizer=False)
     back = _hf_tensors(result.out_dir)
@@ -294,8 +295,57 @@ def test_llama_roundtrip_is_identical(tie, world, tmp_path, data_cache):
                      timeout=300, log_dir=tmp_path)
     assert "loaded model weights from" in logs[0]
 
+    # Without checkpoint.weights_only the run is refused in one line, read from the manifest;
+    # a load that fails inside torch.distributed.checkpoint (its CheckpointException is a
+    # BaseException) is one line too.
+    train = [sys.executable, "-m", "megatron_vwn", "train", str(path / "config.yaml"),
+             f"checkpoint.load={tmp_path / 'megatron'}", "train.iters=1",
+             "train.eval_interval=0", "logging.wandb=off", f"data.cache_dir={data_cache}"]
+    proc = subprocess.run([*train, f"run.dir={tmp_path / 'refused'}"], capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert proc.stderr.strip().splitlines() == [
+        f"megatron-vwn: error: checkpoint {path} holds weights only (written by convert "
+        f"from-hf): add checkpoint.weights_only=true to start a run from them"], proc.stderr
+    manifest = path / "checkpoint.json"
+    manifest.write_text(json.dumps({**json.loads(manifest.read_text()), "weights_only": False}))
+    proc = subprocess.run([*train, f"run.dir={tmp_path / 'failed-load'}"], capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    (line,) = [ln for ln in proc.stderr.splitlines() if ln.startswith("megatron-vwn:")]
+    assert line.startswith(f"megatron-vwn: error: checkpoint {path} could not be loaded: "
+                           f"KeyError: \"optimizer.state.exp_avg."), line
 
-def test_import_into_virtual_width_takes_the_backbone(world, tmp_path, capsys):
+
+def _bundled_tokenizer(data_cache: str) -> str:
+    from megatron_vwn.config.schema import DataConfig
+    from megatron_vwn.data.datasets import prepare_data
+
+    return prepare_data(DataConfig(cache_dir=data_cache, split="90,10,0")).tokenizer_model
+
+
+def test_from_hf_refuses_a_folder_without_a_sentencepiece_tokenizer(tmp_path, capsys):
+    """A Llama 3 style folder (tokenizer.json only) or one without any tokenizer is refused in
+    one line before anything is built, unless data.tokenizer_model names one."""
+    from megatron_vwn.cli import main
+
+    hf = tmp_path / "llama"
+    hf.mkdir()
+    (hf / "config.json").write_text(json.dumps({
+        "model_type": "llama", "vocab_size": 128, "hidden_size": 32, "intermediate_size": 64,
+        "num_hidden_layers": 1, "num_attention_heads": 4, "num_key_value_heads": 2}))
+    for found in ("no tokenizer file", "a tokenizer.json"):
+        if found == "a tokenizer.json":
+            (hf / "tokenizer.json").write_text("{}")
+        assert main(["convert", "from-hf", str(hf), str(tmp_path / "out")]) == 2
+        (line,) = capsys.readouterr().err.strip().splitlines()
+        assert line.startswith(f"megatron-vwn: error: {hf} has {found}"), line
+        assert "and no tokenizer.model: give data.tokenizer_model=PATH" in line, line
+        assert not (tmp_path / "out").exists()
+
+
+def test_import_into_virtual_width_takes_the_backbone(world, tmp_path, capsys, data_cache):
     from megatron_vwn.cli import main
     from megatron_vwn.convert.megatron_io import load_checkpoint
 
@@ -304,7 +354,8 @@ def test_import_into_virtual_width_takes_the_backbone(world, tmp_path, capsys):
     handlers, level = list(root.handlers), root.level
     try:
         status = main(["convert", "from-hf", str(tmp_path / "llama"), str(tmp_path / "megatron"),
-                       "model.vwn.m=2", "model.vwn.n=8", "model.mtp.num_layers=1"])
+                       "model.vwn.m=2", "model.vwn.n=8", "model.mtp.num_layers=1",
+                       f"data.tokenizer_model={_bundled_tokenizer(data_cache)}"])
     finally:  # the CLI points logging at the captured stdout: put pytest's handlers back
         root.handlers[:] = handlers
         root.setLevel(level)
