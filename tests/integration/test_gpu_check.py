@@ -97,3 +97,21 @@ def test_cpu_smoke_runs_both_parts_and_writes_four_files(tmp_path):
 
 def parts_of(part: str) -> list[str]:
     return [s.name for s in gpu_check.PARTS[part](gpu_check.Ctx(True, Path("/w"), Path("/wh")))]
+
+
+def test_a_failed_or_timed_out_step_is_reported_and_the_rest_runs(tmp_path, monkeypatch):
+    py = sys.executable
+    steps = [gpu_check.Step("fails", 30, [py, "-c", "raise SystemExit(3)"]),
+             gpu_check.Step("hangs", 1, [py, "-c", "import time; time.sleep(60)"]),
+             gpu_check.Step("runs", 30, [py, "-c", "print('{\"x\": 1}')"])]
+    monkeypatch.setitem(gpu_check.PARTS, "check", lambda c: steps)
+    work, out = tmp_path / "work", tmp_path / "out"
+    work.mkdir()
+    out.mkdir()
+    assert not gpu_check.run_part("check", gpu_check.Ctx(True, work, tmp_path), out)
+    report = (out / "gpu_check.md").read_text()
+    assert "| fails | 30 | FAILED (rc 3) |" in report
+    assert "| hangs | 1 | TIMEOUT (1 s) |" in report
+    assert "| runs | 30 | ok |" in report
+    with tarfile.open(out / "gpu_check.tar.gz") as tar:
+        assert "gpu_check/check.log" in tar.getnames()
