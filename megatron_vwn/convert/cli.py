@@ -32,7 +32,8 @@ def add_convert_arguments(parser: argparse.ArgumentParser) -> None:
                     help="largest safetensors shard, e.g. 2GB, 500MB (default 2GB)")
     tokenizer = hf.add_mutually_exclusive_group()
     tokenizer.add_argument("--tokenizer", default=None,
-                           help="SentencePiece .model (default: the run's data.tokenizer_model, "
+                           help="SentencePiece .model or Hugging Face tokenizer.json or its "
+                                "directory (default: the run's data.tokenizer_model, "
                                 "or the bundled corpus's tokenizer)")
     tokenizer.add_argument("--no-tokenizer", action="store_true",
                            help="write the model without tokenizer files")

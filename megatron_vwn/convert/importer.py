@@ -86,6 +86,8 @@ def import_config(hf_dir: Path, overrides: list[str]) -> Config:
     tokenizer = hf_dir / "tokenizer.model"
     if tokenizer.is_file():
         raw["data"] = {"tokenizer_model": str(tokenizer.resolve())}
+    elif (hf_dir / "tokenizer.json").is_file():  # the folder: its tokenizer_config names the eos
+        raw["data"] = {"tokenizer_model": str(hf_dir.resolve())}
     for item in overrides:
         key, value = parse_override(item)
         node = raw

@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 import yaml
 
 TRAIN_KEYS = {"iteration", "split", "consumed_tokens", "lm_loss", "lr", "grad_norm",
@@ -28,7 +29,8 @@ def _train(tmp_path, data_cache, *args, timeout=900):
 
 def test_default_run_trains_and_writes_its_run_directory(tmp_path, data_cache):
     proc, rows = _train(tmp_path, data_cache, "tiny", "train.iters=60", "train.eval_interval=30",
-                        "train.eval_iters=2", "logging.interval=10", "logging.wandb=offline")
+                        "train.eval_iters=2", "logging.interval=10", "logging.wandb=offline",
+                        "logging.tensorboard=on")
     run = tmp_path / "run"
     train = [r for r in rows if r["split"] == "train"]
     valid = [r for r in rows if r["split"] == "valid"]
@@ -48,6 +50,26 @@ def test_default_run_trains_and_writes_its_run_directory(tmp_path, data_cache):
     log = (run / "logs" / "train.log").read_text()
     assert "parameters: total" in log and "eta" in log and "validation at iter 60" in log
     assert list((run / "wandb").glob("offline-run-*")), "offline wandb run missing"
+    _assert_tensorboard_holds(run, rows)
+
+
+def _assert_tensorboard_holds(run, rows) -> None:
+    """The event file under run/tensorboard, read back, has every numeric key of every row."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run / "tensorboard"), size_guidance={"scalars": 0}).Reload()
+    for split in ("train", "valid"):
+        split_rows = [r for r in rows if r["split"] == split]
+        keys = [k for k, v in split_rows[0].items()
+                if k not in ("split", "iteration") and isinstance(v, (int, float))]
+        assert {"lm_loss", "consumed_tokens"} <= set(keys)
+        if split == "train":
+            assert {"lr", "grad_norm", "tokens_per_s", "tflops_per_s_per_rank"} <= set(keys)
+        for key in keys:
+            scalars = events.Scalars(f"{split}/{key}")
+            assert [s.step for s in scalars] == [r["iteration"] for r in split_rows]
+            assert [s.value for s in scalars] == pytest.approx(
+                [float(r[key]) for r in split_rows], rel=1e-6)  # stored as float32
 
 
 def test_nproc_launches_tensor_parallel_ranks(tmp_path, data_cache):
