@@ -351,7 +351,7 @@ class TrainConfig:
     seed: int = 1234
     precision: Literal["auto", "fp32", "bf16", "fp8"] = "auto"
     """auto: bf16 on GPU, fp32 on CPU. fp8: bf16 weights and FP8 GEMMs through Transformer
-    Engine (CUDA only; docs/fp8.md)."""
+    Engine (CUDA only; docs/scale.md)."""
     eval_interval: int = 50
     """Validate every this many iterations (and at the end); 0 disables validation."""
     eval_iters: int = 4
@@ -369,13 +369,13 @@ class TrainConfig:
     lr_schedule: Literal["cosine", "linear", "constant", "wsd"] = "cosine"
     """After the linear warmup: cosine or linear decay to ``min_lr`` over ``lr_decay_iters``,
     ``constant`` (stays at ``lr``), or ``wsd`` (warmup-stable-decay: ``lr`` until the last
-    ``lr_wsd_decay_iters`` of ``lr_decay_iters``, then down to ``min_lr``; docs/schedules.md)."""
+    ``lr_wsd_decay_iters`` of ``lr_decay_iters``, then down to ``min_lr``; docs/scale.md)."""
     lr_wsd_decay_iters: int | None = None
     """wsd: iterations of the decay phase, ending at ``lr_decay_iters``; None: the last 20%."""
     lr_wsd_decay_style: Literal["linear", "cosine", "exponential", "minus_sqrt"] = "linear"
     """wsd: the shape of the decay phase (Megatron-Core's ``lr_wsd_decay_style``)."""
     recompute: Literal["none", "selective", "full"] = "none"
-    """Activation recompute (Megatron-Core's ``recompute_granularity``; docs/recompute.md):
+    """Activation recompute (Megatron-Core's ``recompute_granularity``; docs/scale.md):
     ``selective`` recomputes ``recompute_modules`` of every layer, ``full`` whole layers (their
     width connections included), keeping only each recomputed unit's input."""
     recompute_method: Literal["uniform", "block"] | None = None
@@ -388,7 +388,7 @@ class TrainConfig:
     """selective: submodules to recompute (``core_attn``, ``layernorm``, ``mlp``); None:
     ``[core_attn]``."""
     fp8_recipe: Literal["delayed", "tensorwise", "mxfp8", "blockwise"] = "delayed"
-    """precision=fp8: Transformer Engine's scaling recipe (docs/fp8.md): delayed scaling,
+    """precision=fp8: Transformer Engine's scaling recipe (docs/scale.md): delayed scaling,
     current (per-tensor) scaling, MXFP8 (Blackwell) or block-wise scaling (Hopper)."""
     fp8_first_last_bf16: bool = False
     """precision=fp8: keep the first and last transformer layers in bf16."""

@@ -95,8 +95,8 @@ def build_transformer_config(cfg: Config) -> TransformerConfig:
         moe_token_dispatcher_type="alltoall",  # allgather refuses variable_seq_lengths
         mtp_num_layers=model.mtp.num_layers or None,
         mtp_loss_scaling_factor=model.mtp.loss_weight,
-        **recompute_fields(cfg),  # train.recompute*: docs/recompute.md
-        **fp8_fields(cfg.train),  # train.precision=fp8: docs/fp8.md
+        **recompute_fields(cfg),  # train.recompute*: docs/scale.md
+        **fp8_fields(cfg.train),  # train.precision=fp8: docs/scale.md
     )
     shape = vwn_shape(cfg)
     if shape is not None and shape.output_init_scale != 1.0:

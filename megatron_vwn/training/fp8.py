@@ -1,5 +1,5 @@
 """FP8 through Transformer Engine: ``train.precision=fp8`` -> ``TransformerConfig`` fields
-(docs/fp8.md).
+(docs/scale.md).
 
 FP8 covers the GEMMs of the Transformer Engine linear layers (QKV, attention output, MLP) only;
 weights, optimizer state and everything else stay in bf16/fp32. The width connections (GHC, mHC,

@@ -1,5 +1,5 @@
 """Activation recompute: ``train.recompute*`` -> Megatron-Core's ``TransformerConfig`` fields
-(docs/recompute.md).
+(docs/scale.md).
 
 Megatron-Core does the work: ``selective`` checkpoints the chosen submodules inside each
 ``TransformerLayer`` (core attention, the norms, the MLP), ``full`` checkpoints whole layers in

@@ -1,4 +1,4 @@
-"""Learning-rate schedules on Megatron-Core's ``OptimizerParamScheduler`` (docs/schedules.md).
+"""Learning-rate schedules on Megatron-Core's ``OptimizerParamScheduler`` (docs/scale.md).
 
 ``train.lr_schedule`` maps onto its ``lr_decay_style``: ``cosine`` and ``linear`` decay from
 ``train.lr`` to ``train.min_lr`` over ``train.lr_decay_iters``, ``constant`` stays at ``train.lr``

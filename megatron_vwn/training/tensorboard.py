@@ -1,4 +1,4 @@
-"""TensorBoard events beside wandb (``logging.tensorboard=on``; docs/logging.md).
+"""TensorBoard events beside wandb (``logging.tensorboard=on``; docs/scale.md).
 
 The rows of ``metrics.jsonl`` become scalars tagged ``SPLIT/KEY`` (``train/lm_loss``,
 ``train/lr``, ``valid/mtp_loss_1``, ``analysis/aofe_ratio_agop``, ...) at step ``iteration``:

@@ -95,3 +95,31 @@ def test_preprocess_gives_the_same_ids_with_one_or_two_workers(bpe, tmp_path):
     for index in (0, 1, 2, len(documents) - 1):
         expected = tokenizer.tokenize(documents[index]) + [tokenizer.eod]
         assert np.asarray(dataset[index]).tolist() == expected
+
+
+def test_export_carries_the_tokenizer_and_from_hf_uses_it(bpe, tmp_path):
+    """What ``convert hf`` writes for a tokenizer.json gives, through AutoTokenizer, the ids
+    training saw; ``convert from-hf`` of a folder with only tokenizer.json trains with it."""
+    from transformers import AutoTokenizer
+
+    from megatron_vwn.convert.importer import import_config
+    from megatron_vwn.convert.tokenizer import write_hf_tokenizer_json
+
+    out = tmp_path / "export"
+    out.mkdir()
+    ids = write_hf_tokenizer_json(bpe, out, None, model_max_length=128)
+    training = HFTokenizer(bpe)
+    assert ids == {"pad_token_id": None, "bos_token_id": None, "eos_token_id": training.eod}
+    exported = AutoTokenizer.from_pretrained(str(out))
+    for text in TEXTS:
+        assert exported(text)["input_ids"] == training.tokenize(text)
+    assert exported.eos_token_id == training.eod
+
+    (out / "config.json").write_text(json.dumps({
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 64,
+        "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+        "intermediate_size": 128, "vocab_size": training.vocab_size,
+        "max_position_embeddings": 128}))
+    cfg = import_config(out, [])
+    assert cfg.data.tokenizer_model == str(out.resolve())
+    assert load_tokenizer(cfg.data.tokenizer_model).eod == training.eod
