@@ -75,14 +75,18 @@ def validate_recompute(cfg: Config) -> None:
         return
     per_stage = layers_per_stage(cfg)
     count = train.recompute_num_layers
+    method = train.recompute_method or "uniform"
     if count is not None:
-        method = train.recompute_method or "uniform"
         if count < 1 or count > per_stage or (method == "uniform" and per_stage % count):
             rule = "divide" if method == "uniform" else "be at most"
             raise ConfigError(
                 f"train.recompute_num_layers ({count}) must be >= 1 and {rule} the layers of "
                 f"a pipeline stage ({per_stage} = model.num_layers / (parallel.pipeline x "
                 f"parallel.virtual_pipeline)) with train.recompute_method={method}")
+    if cfg.model.mtp.num_layers and method == "uniform" and (count or 1) != 1:
+        raise ConfigError(
+            f"train.recompute_num_layers ({count}) must be 1 with train.recompute_method=uniform "
+            f"and model.mtp.num_layers > 0 (Megatron-Core recomputes MTP layers one at a time)")
     vwn = cfg.model.vwn
     if vwn.enabled and vwn.recompute_mode != "none" and recomputes_every_layer(cfg):
         key = ("model.vwn.recompute" if vwn.recompute != "none"

@@ -48,6 +48,9 @@ MODELS = {
     "mhc4": ["model.vwn.connection=mhc", "model.vwn.n=4"],
     "altup2": ["model.vwn.connection=altup", "model.vwn.n=2", "model.vwn.dynamic=false"],
     "dropout": ["model.hidden_dropout=0.1", "model.attention_dropout=0.1"],
+    # MTP heads are recomputed by Megatron-Core's MTP block (uniform, one layer per unit)
+    "vwn_mtp1": ["model.vwn.m=2", "model.vwn.n=4", "model.mtp.num_layers=1",
+                 "model.mtp.loss_weight=0.3"],
 }
 MODES = {
     "selective": ["train.recompute=selective", "train.recompute_modules=[core_attn,mlp]"],
@@ -57,7 +60,7 @@ MODES = {
 }
 PAIRS = {"backbone": list(MODES), "vwn8x": ["selective", "full_uniform"],
          "mhc4": ["full_uniform"], "altup2": ["full_block"],
-         "dropout": ["selective", "full_uniform"]}
+         "dropout": ["selective", "full_uniform"], "vwn_mtp1": ["full_uniform"]}
 RECOMPUTE_LAYOUTS = ["tp2_sp", "pp2"]  # both world size 2: one launch each
 CASES = [(layout, model, mode) for layout in RECOMPUTE_LAYOUTS for model, modes in PAIRS.items()
          for mode in modes]

@@ -90,3 +90,31 @@ def test_tiny_8x_trains_at_tp2_and_pp2(tmp_path, data_cache):
                          "checkpoint.save_interval=0", *layout, "--nproc", "2")
         assert [r["iteration"] for r in rows] == [4, 8]
         assert rows[-1]["lm_loss"] < rows[0]["lm_loss"] < 8.5
+
+
+def test_hugging_face_tokenizer_trains_and_exports(tmp_path, data_cache):
+    """A byte-level BPE tokenizer.json directory (trained here with `tokenizers`) as
+    data.tokenizer_model: the bundled corpus is encoded with it, training pads its vocabulary,
+    and `convert hf --verify` carries it so AutoTokenizer gives the ids training saw."""
+    from transformers import AutoTokenizer
+
+    from megatron_vwn.data.hf_tokenizer import HFTokenizer
+    from tests.unit.test_hf_tokenizer import TEXTS, train_byte_level_bpe
+
+    tokenizer_dir = tmp_path / "tok"
+    train_byte_level_bpe(tokenizer_dir, vocab_size=300)
+    proc, rows = _train(tmp_path, data_cache, "tiny", "train.iters=2", "train.eval_interval=0",
+                        "logging.interval=1", "logging.wandb=off", "model.num_layers=2",
+                        f"data.tokenizer_model={tokenizer_dir}")
+    assert [r["iteration"] for r in rows] == [1, 2]
+    assert rows[0]["lm_loss"] > 5.0  # about ln(300)
+    out = tmp_path / "export"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
+    convert = subprocess.run([sys.executable, "-m", "megatron_vwn", "convert", "hf",
+                              str(tmp_path / "run"), str(out), "--verify"], env=env,
+                             capture_output=True, text=True, timeout=600, start_new_session=True)
+    assert convert.returncode == 0, convert.stdout[-3000:] + convert.stderr[-3000:]
+    assert "tokenizer ids match training's" in convert.stdout
+    exported, training = AutoTokenizer.from_pretrained(str(out)), HFTokenizer(tokenizer_dir)
+    assert exported(TEXTS[1])["input_ids"] == training.tokenize(TEXTS[1])
+    assert json.loads((out / "config.json").read_text())["eos_token_id"] == training.eod

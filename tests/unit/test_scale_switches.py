@@ -5,6 +5,7 @@ test_recompute_parity.py; FP8 on a GPU: tests/gpu/test_gpu.py."""
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import subprocess
 import sys
@@ -96,6 +97,9 @@ def test_fp8_fields(recipe, first_last):
     (["train.recompute=full", "model.vwn.connection=mhc", "model.vwn.n=4",
       "model.vwn.recompute_coefficients=true"],
      "model.vwn.recompute_coefficients (coefficients) does nothing useful"),
+    (["train.recompute=full", "train.recompute_num_layers=2", "model.mtp.num_layers=1"],
+     "train.recompute_num_layers (2) must be 1 with train.recompute_method=uniform and "
+     "model.mtp.num_layers > 0"),
     (["train.fp8_first_last_bf16=true"], "train.fp8_first_last_bf16=true needs "
                                          "train.precision=fp8"),
     (["train.precision=fp8"], "train.precision=fp8 needs a CUDA GPU and Transformer Engine"),
@@ -122,3 +126,12 @@ def test_fp8_on_cpu_is_one_line_exit_2_before_any_process_group(tmp_path):
     assert proc.stderr.strip().splitlines()[-1].startswith(
         "megatron-vwn: error: train.precision=fp8 needs a CUDA GPU and Transformer Engine")
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.skipif(importlib.util.find_spec("transformer_engine") is not None,
+                    reason="with Transformer Engine layernorm recompute is offered")
+def test_layernorm_recompute_without_transformer_engine_is_refused():
+    cfg = load_config(None, ["train.recompute=selective", "train.recompute_modules=[layernorm]"])
+    with pytest.raises(ConfigError, match=r"must be a non-empty list of: core_attn, mlp "
+                                          r"\(layernorm needs Transformer Engine"):
+        validate(cfg)
