@@ -54,38 +54,19 @@ def _batched(items: Iterable[str], size: int) -> Iterator[list[str]]:
         yield batch
 
 
-def _encoded(tokenizer, documents: Iterable[str], tokenizer_model: str, workers: int,
-             eod_token: str | None) -> Iterator[list[int]]:
-    """Token ids of each document, in order, on ``workers`` threads (SentencePiece) or processes
-    (Hugging Face ``tokenizers``, whose Rust threads are switched off so ``workers`` decides)."""
-    batches = _batched(documents, ENCODE_BATCH)
+def _encoded(tokenizer, documents: Iterable[str], workers: int) -> Iterator[list[int]]:
+    """Token ids of each document, in order, encoded a batch at a time on ``workers`` threads:
+    SentencePiece's, or the ``tokenizers`` library's Rust thread pool (``RAYON_NUM_THREADS``;
+    that pool is built on its first parallel use, so the first ``workers`` > 1 of a process
+    sets its size)."""
     if isinstance(tokenizer, SentencePieceFile):
-        for batch in batches:
+        for batch in _batched(documents, ENCODE_BATCH):
             yield from tokenizer.encode_batch(batch, threads=workers)
         return
-    if workers == 1:
-        for batch in batches:
-            yield from tokenizer.encode_batch(batch)
-        return
-    import multiprocessing
-
-    context = multiprocessing.get_context("spawn")  # no forked Rust thread pools
-    with context.Pool(workers, initializer=_init_worker,
-                      initargs=(tokenizer_model, eod_token)) as pool:
-        for encoded in pool.imap(_encode_in_worker, batches):
-            yield from encoded
-
-
-_WORKER_TOKENIZER = None
-
-
-def _init_worker(tokenizer_model: str, eod_token: str | None) -> None:
-    global _WORKER_TOKENIZER
-    _WORKER_TOKENIZER = open_tokenizer(tokenizer_model, eod_token)
-
-
-def _encode_in_worker(batch: list[str]) -> list[list[int]]:
-    return _WORKER_TOKENIZER.encode_batch(batch)
+    os.environ.setdefault("RAYON_NUM_THREADS", str(workers))
+    os.environ["TOKENIZERS_PARALLELISM"] = "true" if workers > 1 else "false"
+    for batch in _batched(documents, ENCODE_BATCH):
+        yield from tokenizer.encode_batch(batch)
 
 
 def write_indexed_dataset(
@@ -101,12 +82,11 @@ def write_indexed_dataset(
     Tokenization uses SentencePiece directly (``encode`` of a batch on ``workers`` threads,
     order preserved); it gives the same ids as the Megatron tokenizer's ``tokenize``, which
     calls the same ``encode``, without importing Megatron-Core. A Hugging Face tokenizer encodes
-    batches in ``workers`` processes (order preserved), with the ids training's
+    batches on ``workers`` of its library's threads (order preserved), with the ids training's
     :class:`~megatron_vwn.data.hf_tokenizer.HFTokenizer` gives.
     """
     from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder
 
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     tokenizer = open_tokenizer(tokenizer_model, eod_token)
     eod = tokenizer.eod
     dtype = DType.optimal_dtype(tokenizer.vocab_size)
@@ -118,7 +98,7 @@ def write_indexed_dataset(
     builder = IndexedDatasetBuilder(bin_path + suffix, dtype=dtype)
     num_docs = num_tokens = 0
     try:
-        for ids in _encoded(tokenizer, documents, tokenizer_model, max(1, workers), eod_token):
+        for ids in _encoded(tokenizer, documents, max(1, workers)):
             ids.append(eod)
             builder.add_document(np.asarray(ids, dtype=dtype), [len(ids)])
             num_docs += 1
@@ -159,7 +139,7 @@ def preprocess_files(
         train_vocab_size: train a BPE tokenizer of this size on the same inputs first.
         json_key: the text key in ``.jsonl`` inputs.
         split_paragraphs: in ``.txt`` inputs, one document per blank-line paragraph.
-        workers: encoding threads (SentencePiece) or processes (Hugging Face).
+        workers: encoding threads.
         eod_token: Hugging Face tokenizers: the end-of-document token (default: its eos).
     """
     def documents() -> Iterator[str]:
@@ -203,8 +183,7 @@ def add_preprocess_arguments(parser: argparse.ArgumentParser) -> argparse.Argume
                         help="in .txt inputs, make every blank-line separated paragraph a "
                              "document instead of the whole file")
     parser.add_argument("--workers", type=int, default=1, metavar="N",
-                        help="encoding threads (SentencePiece) or processes (Hugging Face); "
-                             "default 1")
+                        help="encoding threads (default 1)")
     return parser
 
 
