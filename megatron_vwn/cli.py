@@ -58,6 +58,9 @@ def cmd_train(ns: argparse.Namespace) -> int:
         if ns.nproc < 1:
             raise ConfigError(f"--nproc ({ns.nproc}) must be >= 1")
         validate(cfg, ns.nproc)
+        from megatron_vwn.training.run_lease import check_run_dir_free
+
+        check_run_dir_free(cfg.run.dir)
         from megatron_vwn.data.datasets import prepare_data
 
         prepare_data(cfg.data)  # missing files fail here; the bundled corpus is built once
@@ -162,7 +165,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         ns.args.extend(extra)
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
-    from megatron_vwn.training.faults import TrainingFault, report_fault
+    from megatron_vwn.training.faults import LostRank, TrainingFault, report_fault
+    from megatron_vwn.training.lifetime import exit_now
 
     try:
         return ns.run(ns)
@@ -172,6 +176,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except TrainingFault as exc:  # NaN/Inf, a lost rank, a failed save: docs/reliability.md
         if exc.report:
             report_fault(exc.exit_code, str(exc))
+        if isinstance(exc, LostRank):  # no orderly shutdown with a peer gone: end here
+            exit_now(exc.exit_code)
         return exc.exit_code
 
 

@@ -30,8 +30,29 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
 fi
 "$VENV/bin/python" - <<'PY'
 import importlib.metadata as md
+import re
+import sys
+import tomllib
+
+from packaging.requirements import Requirement
+
 print("newest leg:", ", ".join(f"{p} {md.version(p)}" for p in
       ("torch", "megatron-core", "transformers", "safetensors", "triton")))
+# The releases this leg tests must be inside pyproject.toml's ranges, or the ranges would
+# promise (or shut out) releases nobody has tested: widen the range in the same change.
+project = tomllib.load(open("pyproject.toml", "rb"))["project"]
+declared = [*project["dependencies"], *[r for extra in project["optional-dependencies"].values()
+                                         for r in extra]]
+outside = []
+for name in ("megatron-core", "transformers"):
+    for requirement in map(Requirement, declared):
+        if re.sub(r"[-_.]+", "-", requirement.name.lower()) == name:
+            installed = md.version(name)
+            if not requirement.specifier.contains(installed, prereleases=True):
+                outside.append(f"{name} {installed} is outside pyproject.toml's "
+                               f"'{requirement}'")
+if outside:
+    sys.exit("newest leg: " + "; ".join(outside) + " (test it, then move the bound)")
 PY
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}" WANDB_MODE="${WANDB_MODE:-disabled}"
 exec "$VENV/bin/python" -m pytest -q -ra --durations=15 "${@:-tests}"

@@ -25,7 +25,12 @@ from megatron.core import dist_checkpointing, parallel_state
 
 from megatron_vwn import __version__
 from megatron_vwn.checkpoint.compat import check_model_fits
-from megatron_vwn.checkpoint.errors import CheckpointError, CorruptCheckpointError
+from megatron_vwn.checkpoint.errors import (
+    LOAD_ERRORS,
+    CheckpointError,
+    CorruptCheckpointError,
+    describe_load_error,
+)
 from megatron_vwn.checkpoint.failures import (
     describe_errors,
     gather_errors,
@@ -193,6 +198,10 @@ class CheckpointManager:
             raise CheckpointError(f"checkpoint {path} holds no megatron-vwn run state (written by "
                                   f"another program?); it cannot be resumed")
         saved = SavedRun.from_dict(common["run"])
+        if not weights_only and read_manifest(path).get("weights_only"):
+            raise CheckpointError(
+                f"checkpoint {path} holds weights only (written by convert from-hf): add "
+                f"checkpoint.weights_only=true to start a run from them")
         check_model_fits(str(path), saved.config.get("model", {}), saved.padded_vocab_size,
                          self.cfg.model, self.padded_vocab_size)
         here = Layout.current()
@@ -208,8 +217,9 @@ class CheckpointManager:
             state_dict["rng_state"] = rng_sharded_object(None)
         try:
             loaded = dist_checkpointing.load(state_dict, str(path))
-        except Exception as exc:  # raised on every rank alike: report it as the user's error
-            raise CheckpointError(f"checkpoint {path} could not be loaded: {exc}") from exc
+        except LOAD_ERRORS as exc:  # raised on every rank alike: report it as the user's error
+            raise CheckpointError(f"checkpoint {path} could not be loaded: "
+                                  f"{describe_load_error(exc)}") from exc
         for key, chunk in zip(model_keys(len(model)), model, strict=True):
             chunk.module.load_state_dict(loaded[key], strict=True)
         if weights_only:

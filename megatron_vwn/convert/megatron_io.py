@@ -24,7 +24,7 @@ from types import SimpleNamespace
 
 import torch
 
-from megatron_vwn.checkpoint.errors import CheckpointError
+from megatron_vwn.checkpoint.errors import LOAD_ERRORS, CheckpointError, describe_load_error
 from megatron_vwn.config import Config, to_dict
 from megatron_vwn.config.errors import ConfigError
 from megatron_vwn.config.loader import from_dict
@@ -140,8 +140,9 @@ def load_checkpoint(path: str | Path, tokenizer_vocab: int | None = None,
     tick = time.perf_counter()
     try:
         loaded = dist_checkpointing.load(state_dict, str(directory))
-    except Exception as exc:
-        raise CheckpointError(f"checkpoint {directory} could not be loaded: {exc}") from exc
+    except LOAD_ERRORS as exc:
+        raise CheckpointError(f"checkpoint {directory} could not be loaded: "
+                              f"{describe_load_error(exc)}") from exc
     model.load_state_dict(loaded["model"], strict=True)
     logger.info("loaded %s (iteration %d, saved at %s) at TP1 x PP1 in %.1f s", directory,
                 saved.state.iteration, saved.layout.describe(), time.perf_counter() - tick)

@@ -35,7 +35,16 @@ from megatron_vwn.model.builder import build_model, padded_vocab_size
 from megatron_vwn.parallel.distributed import initialize_distributed
 from megatron_vwn.parallel.pipeline import tensor_shape_adjuster
 from megatron_vwn.training.evaluation import HeldOut, valid_samples_needed
-from megatron_vwn.training.faults import NanPolicy, RunGuard, guard_optimizer, lost_rank_reporter
+from megatron_vwn.parallel.watchdog import default_timeout_s
+from megatron_vwn.training.faults import (
+    NanPolicy,
+    RunGuard,
+    guard_optimizer,
+    lost_rank_reporter,
+    report_fault,
+)
+from megatron_vwn.training.lifetime import STOP_GRACE_S, StopDeadline, tie_forked_children
+from megatron_vwn.training.run_lease import RunLease, check_run_dir_free
 from megatron_vwn.training.metrics import MetricsWriter
 from megatron_vwn.training.optim import build_optimizer, use_distributed_optimizer
 from megatron_vwn.training.schedule import build_scheduler
@@ -106,6 +115,11 @@ class Trainer:
         self.checkpoints = CheckpointManager(cfg, self.run_dir, self.vocab_size)
         self.signals = StopSignals()
         self.signals.install()  # from the start: a preemption during set-up also saves and exits
+        self.stop_deadline = StopDeadline(  # a rank stuck after a stop signal still ends
+            default_timeout_s(cfg.parallel.timeout_s) + STOP_GRACE_S, report_fault,
+            lambda: f"; the latest checkpoint is {self.checkpoints.describe_latest()}")
+        self.stop_deadline.install()
+        tie_forked_children()  # checkpoint writers end with this rank (training/lifetime.py)
 
         initialize_distributed(cfg, dist, on_lost=lost_rank_reporter(
             self.checkpoints.describe_latest))
@@ -279,17 +293,24 @@ class Trainer:
     def close(self) -> None:
         self.checkpoints.close()
         self.signals.restore()
+        self.stop_deadline.uninstall()
         self.metrics.close()
 
 
 def run_training(cfg: Config, dist: DistEnv | None = None) -> None:
-    """Entry point of one rank: validate, train, tear down."""
+    """Entry point of one rank: validate, take the run directory, train, tear down."""
     dist = dist or resolve_dist_env()
     validate(cfg, dist.world_size)
-    with RunGuard().guard() as run:  # a lost rank is named; process groups torn down
-        trainer = Trainer(cfg, dist)
-        run.latest = trainer.checkpoints.describe_latest
-        try:
-            trainer.train()
-        finally:
-            trainer.close()
+    check_run_dir_free(cfg.run.dir)  # every rank, before any process group: one writer per run
+    lease = RunLease.acquire(cfg.run.dir) if dist.rank == 0 else None
+    try:
+        with RunGuard().guard() as run:  # a lost rank is named; process groups torn down
+            trainer = Trainer(cfg, dist)
+            run.latest = trainer.checkpoints.describe_latest
+            try:
+                trainer.train()
+            finally:
+                trainer.close()
+    finally:
+        if lease is not None:
+            lease.release()

@@ -15,9 +15,11 @@ import psutil
 from megatron_vwn.checkpoint.files import check_files, iter_dir_name, read_manifest
 from tests.distributed.checkpoint_helpers import last_iteration, rows, tracker, wait_for
 from tests.distributed.fault_helpers import ENV, cli_command, cli_train, output
+from tests.process_guard import survivors
 
 ITERS = 400  # far more than run before the kill
 ENDS_WITHIN_S = 120  # generous: the survivor notices at once (gloo) or after parallel.timeout_s
+# (60 s here); every process of the job is gone within it (docs/reliability.md: the bound)
 OVERRIDES = ["checkpoint.save_interval=3", "train.eval_interval=0", "parallel.timeout_s=60"]
 
 
@@ -46,6 +48,9 @@ def test_killed_rank_ends_the_job_naming_it_and_the_checkpoint_stays(tmp_path, d
         killed_at = time.monotonic()
         stdout, stderr = proc.communicate(timeout=ENDS_WITHIN_S)
         assert time.monotonic() - killed_at < ENDS_WITHIN_S
+        # Nothing of the job outlives it: no rank, no checkpoint writer it forked.
+        left = survivors(str(run), within_s=max(0.0, ENDS_WITHIN_S - (time.monotonic() - killed_at)))
+        assert left == [], left
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)

@@ -1,4 +1,4 @@
-"""On a CUDA device: the compiled Triton GHC kernels against the torch functions (bf16 and fp32),
+"""On a CUDA device: the compiled Triton GHC kernels against fp64 truth (bf16 and fp64),
 Transformer Engine against the local spec, bf16 against fp32 training loss.
 
 Every test is ``gpu``-marked and skips without CUDA (``conftest.py``); ``scripts/gpu_check.sh``
@@ -45,10 +45,19 @@ def _rel(a, b):
     return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
 
 
-@pytest.mark.parametrize("dtype,tol", [(torch.bfloat16, 2e-2), (torch.float32, 1e-5)])
+# Bounds against fp64 truth (the torch path in fp64 on the same rounded inputs), derived as in
+# tests/unit/test_ghc_triton.py: fp64 kernels within 1e3 * K * u64 (K = tokens * d_b, the
+# longest accumulation: 301 * 2048), bf16 state within 16 * u_bf16 (four stored roundings, 4x
+# for cancellation) for each kernel. No fp32 comparison: at K = 6e5 its a-priori bound K * u32
+# is vacuous and anything tighter would depend on the GPU's summation order.
+_BOUNDS = {torch.float64: lambda k: 1e3 * k * torch.finfo(torch.float64).eps / 2,
+           torch.bfloat16: lambda k: 16 * torch.finfo(torch.bfloat16).eps / 2}
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float64])
 @pytest.mark.parametrize("m,n,hidden_size", [(2, 3, 2048), (8, 16, 2048), (8, 64, 2048),
                                              (1, 4, 512)])
-def test_triton_ghc_matches_torch(m, n, hidden_size, dtype, tol):
+def test_triton_ghc_matches_torch(m, n, hidden_size, dtype):
     d_b = hidden_size // m
     ghc = _ghc(m, n, d_b, dtype)
     g = torch.Generator(device="cuda").manual_seed(1)
@@ -56,12 +65,16 @@ def test_triton_ghc_matches_torch(m, n, hidden_size, dtype, tol):
     hidden = torch.randn(tokens, 1, n * d_b, generator=g, device="cuda").to(dtype)
     z = torch.randn(tokens, 1, m * d_b, generator=g, device="cuda").to(dtype)
     grads = (torch.randn_like(z), torch.randn_like(hidden))
-    ref = _run(ghc, "torch", hidden, z, grads)
-    got = _run(ghc, "triton", hidden, z, grads)
-    for key, expected in ref.items():
-        assert got[key].dtype == expected.dtype, key
-        assert torch.isfinite(got[key]).all(), key
-        assert _rel(got[key], expected) < tol, (key, _rel(got[key], expected))
+    truth = _run(ghc.to(torch.float64), "torch", hidden.double(), z.double(),
+                 tuple(t.double() for t in grads))
+    ghc = ghc.to(dtype)
+    bound = _BOUNDS[dtype](tokens * d_b)
+    for kernel in ("torch", "triton") if dtype != torch.float64 else ("triton",):
+        got = _run(ghc, kernel, hidden, z, grads)
+        for key, expected in truth.items():
+            assert got[key].dtype == dtype, key
+            assert torch.isfinite(got[key]).all(), key
+            assert _rel(got[key], expected) < bound, (kernel, key, _rel(got[key], expected))
 
 
 def _loss(overrides, state=None):

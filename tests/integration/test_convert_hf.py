@@ -266,7 +266,8 @@ def test_llama_roundtrip_is_identical(tie, world, tmp_path, data_cache):
 
     _random_llama(tmp_path / "llama", tie)
     original = _hf_tensors(tmp_path / "llama")
-    path, report = import_hf_llama(tmp_path / "llama", tmp_path / "megatron")
+    path, report = import_hf_llama(tmp_path / "llama", tmp_path / "megatron",
+                                   [f"data.tokenizer_model={_bundled_tokenizer(data_cache)}"])
     assert set(report.values()) == {"all"}
     result = export_checkpoint(tmp_path / "megatron", tmp_path / "back", with_tokenizer=False)
     back = _hf_tensors(result.out_dir)
@@ -294,8 +295,73 @@ def test_llama_roundtrip_is_identical(tie, world, tmp_path, data_cache):
                      timeout=300, log_dir=tmp_path)
     assert "loaded model weights from" in logs[0]
 
+    # Without checkpoint.weights_only the run is refused in one line, read from the manifest;
+    # a load that fails inside torch.distributed.checkpoint (its CheckpointException is a
+    # BaseException) is one line too.
+    train = [sys.executable, "-m", "megatron_vwn", "train", str(path / "config.yaml"),
+             f"checkpoint.load={tmp_path / 'megatron'}", "train.iters=1",
+             "train.eval_interval=0", "logging.wandb=off", f"data.cache_dir={data_cache}"]
+    proc = subprocess.run([*train, f"run.dir={tmp_path / 'refused'}"], capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert proc.stderr.strip().splitlines() == [
+        f"megatron-vwn: error: checkpoint {path} holds weights only (written by convert "
+        f"from-hf): add checkpoint.weights_only=true to start a run from them"], proc.stderr
+    manifest = path / "checkpoint.json"
+    manifest.write_text(json.dumps({**json.loads(manifest.read_text()), "weights_only": False}))
+    proc = subprocess.run([*train, f"run.dir={tmp_path / 'failed-load'}"], capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    (line,) = [ln for ln in proc.stderr.splitlines() if ln.startswith("megatron-vwn:")]
+    assert line.startswith(f"megatron-vwn: error: checkpoint {path} could not be loaded: "
+                           f"KeyError: \"optimizer.state.exp_avg."), line
 
-def test_import_into_virtual_width_takes_the_backbone(world, tmp_path, capsys):
+
+def _bundled_tokenizer(data_cache: str) -> str:
+    from megatron_vwn.config.schema import DataConfig
+    from megatron_vwn.data.datasets import prepare_data
+
+    return prepare_data(DataConfig(cache_dir=data_cache, split="90,10,0")).tokenizer_model
+
+
+def test_from_hf_uses_a_tokenizer_json_folder_and_refuses_one_without_a_tokenizer(
+        world, tmp_path, capsys):
+    """A Llama 3 style folder (tokenizer.json and tokenizer_config.json, no tokenizer.model)
+    imports with that tokenizer, its eos the end-of-document token; a folder without a usable
+    tokenizer is refused in one line before anything is written."""
+    from megatron_vwn.cli import main
+    from megatron_vwn.config.loader import load_config
+    from megatron_vwn.data.tokenizer import load_tokenizer
+    from tests.unit.test_hf_tokenizer import train_byte_level_bpe
+
+    hf = tmp_path / "llama"
+    _random_llama(hf, tie=False, vocab=512)
+    for content, found in ((None, "has no tokenizer file (no tokenizer.model, no tokenizer.json)"),
+                           ("{}", "holds no Hugging Face tokenizer.json")):
+        if content is not None:
+            (hf / "tokenizer.json").write_text(content)
+        assert main(["convert", "from-hf", str(hf), str(tmp_path / "out")]) == 2
+        (line,) = capsys.readouterr().err.strip().splitlines()
+        assert line.startswith("megatron-vwn: error: ") and found in line, line
+        assert not (tmp_path / "out").exists()
+
+    train_byte_level_bpe(hf, special=("<|begin_of_text|>", "<|end_of_text|>"))
+    (hf / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|end_of_text|>"}))
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    try:
+        assert main(["convert", "from-hf", str(hf), str(tmp_path / "out")]) == 0
+    finally:  # the CLI points logging at the captured stdout: put pytest's handlers back
+        root.handlers[:] = handlers
+        root.setLevel(level)
+    (config,) = (tmp_path / "out").rglob("config.yaml")
+    cfg = load_config(str(config))
+    assert cfg.data.tokenizer_model == str(hf.resolve())
+    assert load_tokenizer(cfg.data.tokenizer_model).eod == 1  # <|end_of_text|>
+
+
+def test_import_into_virtual_width_takes_the_backbone(world, tmp_path, capsys, data_cache):
     from megatron_vwn.cli import main
     from megatron_vwn.convert.megatron_io import load_checkpoint
 
@@ -304,7 +370,8 @@ def test_import_into_virtual_width_takes_the_backbone(world, tmp_path, capsys):
     handlers, level = list(root.handlers), root.level
     try:
         status = main(["convert", "from-hf", str(tmp_path / "llama"), str(tmp_path / "megatron"),
-                       "model.vwn.m=2", "model.vwn.n=8", "model.mtp.num_layers=1"])
+                       "model.vwn.m=2", "model.vwn.n=8", "model.mtp.num_layers=1",
+                       f"data.tokenizer_model={_bundled_tokenizer(data_cache)}"])
     finally:  # the CLI points logging at the captured stdout: put pytest's handlers back
         root.handlers[:] = handlers
         root.setLevel(level)

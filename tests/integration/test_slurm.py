@@ -30,7 +30,9 @@ from megatron_vwn.config.errors import ConfigError
 from megatron_vwn.launch.progress import main as progress_main
 from megatron_vwn.launch.site import SBATCH_SCRIPT, load_site, sbatch_command
 from megatron_vwn.launch.sweep import SweepSpec, plan_sweep, width_to_vwn
+from megatron_vwn.training.lifetime import STOP_GRACE_S
 from tests.integration.slurm_cluster import LocalCluster, start_cluster, unavailable_reason
+from tests.process_guard import survivors
 
 N = 24  # iterations of every cluster run: a few seconds of training per job
 COMMON = [f"train.iters={N}", "logging.interval=1", "train.eval_interval=8",
@@ -329,6 +331,10 @@ def test_killed_rank_fails_the_job_naming_it_and_a_resubmission_resumes(
     killed_at = time.monotonic()
     info = cluster.wait_job(job, 120)  # generous: the job ends within seconds
     assert time.monotonic() - killed_at < 120
+    # No process of the failed job is left on either node (ranks, torchrun, forked checkpoint
+    # writers): all end within parallel.timeout_s + the stop grace of the kill (reliability.md).
+    left = survivors(str(run_dir), within_s=60 + STOP_GRACE_S - (time.monotonic() - killed_at))
+    assert left == [], left
     log = _log(workdir, job)
     assert info["JobState"] == "FAILED" and info["ExitCode"] != "0:0", (info, log[-6000:])
     assert info.get("Restarts", "0") == "0"  # a failed job is not requeued

@@ -10,7 +10,7 @@ the state ``H`` ``[T, n, d_b]``, the fused projection ``W^T`` ``[C, d_b]`` with 
 ``scales`` and ``static`` ``[n, C]`` (row i: read | carry | write^T), the coefficients
 ``[T, n, C]`` in the state's dtype. Every kernel walks ``d_b`` in chunks of ``BD`` and keeps the
 per-token ``[n, C]`` tiles in registers; the coefficient path (norm statistics, GEMM, tanh) is
-fp32 whatever the state's dtype.
+fp32 whatever the state's dtype (fp64 for an fp64 state, which only the tests use).
 
 Passes over the wide state (``r`` times wider than the backbone), per GHC module:
 
@@ -64,35 +64,39 @@ def _launch(n: int, m: int) -> dict:
 
 @triton.jit
 def _tanh(x):
-    """tanh to fp32 rounding everywhere (the interpreter has no libdevice): its Taylor series
-    near 0, where ``(1 - e) / (1 + e)`` would lose digits, that formula elsewhere."""
+    """tanh to rounding everywhere (the interpreter has no libdevice): its Taylor series near 0,
+    where ``(1 - e) / (1 + e)`` would lose digits, that formula elsewhere. Eight terms: the
+    first omitted one is below ``0.2^16 * 4e-4 < 3e-15`` of ``tanh(x)`` for ``|x| < 0.2``, so
+    the series is exact to fp64 rounding too (the fp64 kernel tests rely on it); in fp32 the
+    last three terms are below rounding and change nothing."""
     a = tl.abs(x)
     e = tl.exp(-2.0 * a)
     far = (1.0 - e) / (1.0 + e)
     far = tl.where(x < 0, -far, far)
     x2 = x * x
-    near = x * (1.0 + x2 * (-1.0 / 3.0 + x2 * (2.0 / 15.0 + x2 * (-17.0 / 315.0
-                                                                  + x2 * (62.0 / 2835.0)))))
+    tail = 62.0 / 2835.0 + x2 * (-1382.0 / 155925.0 + x2 * (21844.0 / 6081075.0
+                                                            + x2 * (-929569.0 / 638512875.0)))
+    near = x * (1.0 + x2 * (-1.0 / 3.0 + x2 * (2.0 / 15.0 + x2 * (-17.0 / 315.0 + x2 * tail))))
     return tl.where(a < 0.2, near, far)
 
 
 @triton.jit
 def _coefficient_logits(state_row, weight_ptr, n, m, C, d_b,
                         N_PAD: tl.constexpr, C_PAD: tl.constexpr, M_PAD: tl.constexpr,
-                        BD: tl.constexpr):
+                        BD: tl.constexpr, ACC: tl.constexpr):
     """One pass over a token's ``[n, d_b]``: sum of squares ``[N]``, ``H W`` ``[N, C]`` and its
     read columns ``[N, M]`` (fp32)."""
     rows = tl.arange(0, N_PAD)
     cols = tl.arange(0, C_PAD)
     reads = tl.arange(0, M_PAD)
-    sumsq = tl.zeros([N_PAD], dtype=tl.float32)
-    logits = tl.zeros([N_PAD, C_PAD], dtype=tl.float32)
-    read_logits = tl.zeros([N_PAD, M_PAD], dtype=tl.float32)
+    sumsq = tl.zeros([N_PAD], dtype=ACC)
+    logits = tl.zeros([N_PAD, C_PAD], dtype=ACC)
+    read_logits = tl.zeros([N_PAD, M_PAD], dtype=ACC)
     for d0 in range(0, d_b, BD):
         d = d0 + tl.arange(0, BD)
         d_ok = d < d_b
         h = tl.load(state_row + rows[:, None] * d_b + d[None, :],
-                    mask=(rows < n)[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
+                    mask=(rows < n)[:, None] & d_ok[None, :], other=0.0).to(ACC)
         w = tl.load(weight_ptr + cols[None, :] * d_b + d[:, None],
                     mask=(cols < C)[None, :] & d_ok[:, None], other=0.0)  # [BD, C]
         w_read = tl.load(weight_ptr + reads[None, :] * d_b + d[:, None],
@@ -107,7 +111,7 @@ def _coefficient_logits(state_row, weight_ptr, n, m, C, d_b,
 def _read_fwd_kernel(state_ptr, weight_ptr, scales_ptr, static_ptr, out_ptr, coeff_ptr,
                      n, m, C, d_b, eps,
                      N_PAD: tl.constexpr, C_PAD: tl.constexpr, M_PAD: tl.constexpr,
-                     BD: tl.constexpr, PREC: tl.constexpr):
+                     BD: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr):
     t = tl.program_id(0).to(tl.int64)
     rows = tl.arange(0, N_PAD)
     cols = tl.arange(0, C_PAD)
@@ -115,7 +119,7 @@ def _read_fwd_kernel(state_ptr, weight_ptr, scales_ptr, static_ptr, out_ptr, coe
     row_ok = rows < n
     state_row = state_ptr + t * n * d_b
     sumsq, logits, read_logits = _coefficient_logits(state_row, weight_ptr, n, m, C, d_b,
-                                                     N_PAD, C_PAD, M_PAD, BD)
+                                                     N_PAD, C_PAD, M_PAD, BD, ACC)
     rstd = 1.0 / tl.sqrt(sumsq / d_b + eps)  # [N]
     tile = rows[:, None] * C + cols[None, :]
     tile_ok = row_ok[:, None] & (cols < C)[None, :]
@@ -147,7 +151,7 @@ def _read_bwd_coeff_kernel(state_ptr, weight_ptr, scales_ptr, static_ptr, gout_p
                            T, n, m, C, d_b, eps,
                            HAS_GCT: tl.constexpr, HAS_GWT: tl.constexpr,
                            BT: tl.constexpr, N_PAD: tl.constexpr, C_PAD: tl.constexpr,
-                           M_PAD: tl.constexpr, BD: tl.constexpr):
+                           M_PAD: tl.constexpr, BD: tl.constexpr, ACC: tl.constexpr):
     """Per token: recompute the coefficient path, assemble d coeffs, write d logits (scaled by
     rstd), the norm term's factor and the read coefficients for the state pass; per program:
     partial sums of d static and d scales."""
@@ -161,20 +165,20 @@ def _read_bwd_coeff_kernel(state_ptr, weight_ptr, scales_ptr, static_ptr, gout_p
     static = tl.load(static_ptr + tile, mask=tile_ok, other=0.0)
     carry_cols = (cols >= m) & (cols < m + n)
     write_cols = (cols >= m + n) & (cols < C)
-    gstatic = tl.zeros([N_PAD, C_PAD], dtype=tl.float32)
-    gscales = tl.zeros([N_PAD, C_PAD], dtype=tl.float32)
+    gstatic = tl.zeros([N_PAD, C_PAD], dtype=ACC)
+    gscales = tl.zeros([N_PAD, C_PAD], dtype=ACC)
     for i in range(0, BT):
         t = (block * BT + i).to(tl.int64)
         if t < T:
             state_row = state_ptr + t * n * d_b
-            sumsq = tl.zeros([N_PAD], dtype=tl.float32)
-            logits = tl.zeros([N_PAD, C_PAD], dtype=tl.float32)
-            grad = tl.zeros([N_PAD, C_PAD], dtype=tl.float32)  # d coeffs, read columns first
+            sumsq = tl.zeros([N_PAD], dtype=ACC)
+            logits = tl.zeros([N_PAD, C_PAD], dtype=ACC)
+            grad = tl.zeros([N_PAD, C_PAD], dtype=ACC)  # d coeffs, read columns first
             for d0 in range(0, d_b, BD):
                 d = d0 + tl.arange(0, BD)
                 d_ok = d < d_b
                 h = tl.load(state_row + rows[:, None] * d_b + d[None, :],
-                            mask=row_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
+                            mask=row_ok[:, None] & d_ok[None, :], other=0.0).to(ACC)
                 w = tl.load(weight_ptr + cols[None, :] * d_b + d[:, None],
                             mask=(cols < C)[None, :] & d_ok[:, None], other=0.0)
                 # d X laid out over the coefficient columns (zero beyond the m read columns).
@@ -182,19 +186,19 @@ def _read_bwd_coeff_kernel(state_ptr, weight_ptr, scales_ptr, static_ptr, gout_p
                              mask=(cols < m)[None, :] & d_ok[:, None], other=0.0)
                 sumsq += tl.sum(h * h, axis=1)
                 logits += tl.dot(h, w, input_precision="ieee")
-                grad += tl.dot(h, gx.to(tl.float32), input_precision="ieee")
+                grad += tl.dot(h, gx.to(ACC), input_precision="ieee")
             rstd = 1.0 / tl.sqrt(sumsq / d_b + eps)
             act = _tanh(logits * rstd[:, None])
             if HAS_GCT:  # d carry^T, stored [j, i]: column m + j of row i
                 grad += tl.load(gct_ptr + t * gct_s0 + (cols[None, :] - m) * gct_s1
                                 + rows[:, None] * gct_s2,
                                 mask=row_ok[:, None] & carry_cols[None, :],
-                                other=0.0).to(tl.float32)
+                                other=0.0).to(ACC)
             if HAS_GWT:
                 grad += tl.load(gwt_ptr + t * gwt_s0 + rows[:, None] * gwt_s1
                                 + (cols[None, :] - m - n) * gwt_s2,
                                 mask=row_ok[:, None] & write_cols[None, :],
-                                other=0.0).to(tl.float32)
+                                other=0.0).to(ACC)
             gstatic += grad
             gscales += grad * act
             glogits = grad * scales * (1.0 - act * act)
@@ -212,7 +216,8 @@ def _read_bwd_coeff_kernel(state_ptr, weight_ptr, scales_ptr, static_ptr, gout_p
 def _read_bwd_state_kernel(state_ptr, weight_ptr, gout_ptr, glogit_ptr, grstd_ptr, read_ptr,
                            gstate_ptr, gweight_ptr, T, n, m, C, d_b,
                            BT: tl.constexpr, N_PAD: tl.constexpr, C_PAD: tl.constexpr,
-                           M_PAD: tl.constexpr, BD: tl.constexpr, PREC: tl.constexpr):
+                           M_PAD: tl.constexpr, BD: tl.constexpr, PREC: tl.constexpr,
+                           ACC: tl.constexpr):
     """Per (token block, d chunk): ``dH = dlogits W + H * g_rstd + read dX`` and a partial
     ``dW^T = dlogits^T H`` summed over the block's tokens."""
     block = tl.program_id(0)
@@ -224,7 +229,7 @@ def _read_bwd_state_kernel(state_ptr, weight_ptr, gout_ptr, glogit_ptr, grstd_pt
     row_ok = rows < n
     w = tl.load(weight_ptr + cols[:, None] * d_b + d[None, :],
                 mask=(cols < C)[:, None] & d_ok[None, :], other=0.0)  # [C, BD]
-    gweight = tl.zeros([C_PAD, BD], dtype=tl.float32)
+    gweight = tl.zeros([C_PAD, BD], dtype=ACC)
     for i in range(0, BT):
         t = (block * BT + i).to(tl.int64)
         if t < T:
@@ -238,7 +243,7 @@ def _read_bwd_state_kernel(state_ptr, weight_ptr, gout_ptr, glogit_ptr, grstd_pt
             grstd = tl.load(grstd_ptr + t * n + rows, mask=row_ok, other=0.0)
             read = tl.load(read_ptr + t * n * m + rows[:, None] * m + reads[None, :],
                            mask=row_ok[:, None] & (reads < m)[None, :], other=0.0)
-            hf = h.to(tl.float32)
+            hf = h.to(ACC)
             gstate = tl.dot(glogits, w, input_precision="ieee") + hf * grstd[:, None]
             gstate += tl.dot(read, gx, input_precision=PREC)
             tl.store(gstate_ptr + t * n * d_b + chunk, gstate.to(gstate_ptr.dtype.element_ty),
@@ -280,7 +285,7 @@ def _write_bwd_kernel(ct_ptr, ct_s0, ct_s1, ct_s2, wt_ptr, wt_s0, wt_s1, wt_s2,
                       blocks_ptr, state_ptr, grad_ptr, gct_ptr, gwt_ptr, gblocks_ptr,
                       gstate_ptr, n, m, d_b,
                       N_PAD: tl.constexpr, M_PAD: tl.constexpr, BD: tl.constexpr,
-                      PREC: tl.constexpr):
+                      PREC: tl.constexpr, ACC: tl.constexpr):
     """One pass over H, Z and dH' per token: d carry^T, d write^T, dZ and the carried dH."""
     t = tl.program_id(0).to(tl.int64)
     rows = tl.arange(0, N_PAD)
@@ -291,8 +296,8 @@ def _write_bwd_kernel(ct_ptr, ct_s0, ct_s1, ct_s2, wt_ptr, wt_s0, wt_s1, wt_s2,
                       mask=row_ok[:, None] & row_ok[None, :], other=0.0)
     write_t = tl.load(wt_ptr + t * wt_s0 + rows[:, None] * wt_s1 + reads[None, :] * wt_s2,
                       mask=row_ok[:, None] & read_ok[None, :], other=0.0)
-    gct = tl.zeros([N_PAD, N_PAD], dtype=tl.float32)
-    gwt = tl.zeros([N_PAD, M_PAD], dtype=tl.float32)
+    gct = tl.zeros([N_PAD, N_PAD], dtype=ACC)
+    gwt = tl.zeros([N_PAD, M_PAD], dtype=ACC)
     for d0 in range(0, d_b, BD):
         d = d0 + tl.arange(0, BD)
         d_ok = d < d_b
@@ -317,9 +322,17 @@ def _write_bwd_kernel(ct_ptr, ct_s0, ct_s1, ct_s2, wt_ptr, wt_s0, wt_s1, wt_s2,
              gwt.to(gwt_ptr.dtype.element_ty), mask=row_ok[:, None] & read_ok[None, :])
 
 
+def _accumulator(dtype: torch.dtype) -> torch.dtype:
+    """fp32 accumulators for every training dtype; fp64 for an fp64 state, which only the tests
+    use: there the kernels and the torch functions agree to fp64 rounding, so a comparison
+    between them checks the kernels' logic with a bound that no CPU or BLAS can reach."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 def _meta(n: int, m: int, d_b: int, dtype: torch.dtype) -> dict:
+    acc = tl.float64 if _accumulator(dtype) == torch.float64 else tl.float32
     return dict(N_PAD=_pad(n), C_PAD=_pad(2 * m + n), M_PAD=_pad(m), BD=_chunk(d_b, n, m),
-                PREC=_precision(dtype), **_launch(n, m))
+                PREC=_precision(dtype), ACC=acc, **_launch(n, m))
 
 
 class TritonRead(torch.autograd.Function):
@@ -355,12 +368,13 @@ class TritonRead(torch.autograd.Function):
         device = state.device
         blocks = triton.cdiv(tokens, _BLOCK_TOKENS)
         grad_out = grad_out.contiguous()
-        glogits = torch.empty(tokens, n, channels, dtype=torch.float32, device=device)
-        grstd = torch.empty(tokens, n, dtype=torch.float32, device=device)
+        acc = _accumulator(state.dtype)
+        glogits = torch.empty(tokens, n, channels, dtype=acc, device=device)
+        grstd = torch.empty(tokens, n, dtype=acc, device=device)
         read = torch.empty(tokens, n, m, dtype=state.dtype, device=device)
-        gstatic = torch.zeros(blocks, n, channels, dtype=torch.float32, device=device)
+        gstatic = torch.zeros(blocks, n, channels, dtype=acc, device=device)
         gscales = torch.zeros_like(gstatic)
-        gweight = torch.zeros(blocks, channels, d_b, dtype=torch.float32, device=device)
+        gweight = torch.zeros(blocks, channels, d_b, dtype=acc, device=device)
         gstate = torch.empty_like(state)
         gct = grad_carry_t if grad_carry_t is not None else glogits  # any tensor: unused
         gwt = grad_write_t if grad_write_t is not None else glogits
@@ -394,7 +408,7 @@ class TritonWrite(torch.autograd.Function):
         m = blocks.shape[1]
         out = torch.empty_like(state)
         meta = _meta(n, m, d_b, state.dtype)
-        del meta["C_PAD"]
+        del meta["C_PAD"], meta["ACC"]  # nothing accumulates across chunks
         if tokens:
             _write_fwd_kernel[(tokens,)](carry_t, *_strides3(carry_t), write_t,
                                          *_strides3(write_t), blocks, state, out, n, m, d_b,
