@@ -47,10 +47,19 @@ RECOMPUTE_MODULES = ("core_attn", "layernorm", "mlp")
 """``recompute_modules`` of selective recompute that apply to this project's dense layers and that
 every supported release accepts (``tests/unit/test_mcore_compat.py`` checks)."""
 
-RECOMPUTE_NEEDS_TE = ("layernorm",)
-"""Modules whose recompute needs Transformer Engine: Megatron-Core 0.16's
-``CheckpointWithoutOutput()`` (used for the norms) sets ``fp8 = (fp8 is not None)``, true for its
-default ``False``, and then calls TE's ``FP8GlobalStateManager``: a ``NameError`` without TE."""
+
+
+def _norm_checkpoint_calls_te() -> bool:
+    """Megatron-Core 0.16's ``CheckpointWithoutOutput()`` (the norms' recompute) sets ``fp8 =
+    (fp8 is not None)``, true for its default ``False``, and then calls Transformer Engine's
+    ``FP8GlobalStateManager``: a ``NameError`` without TE. Found by that flag, not the version."""
+    from megatron.core.tensor_parallel.random import CheckpointWithoutOutput
+
+    return bool(CheckpointWithoutOutput().fp8)
+
+
+RECOMPUTE_NEEDS_TE = ("layernorm",) if _norm_checkpoint_calls_te() else ()
+"""Modules whose selective recompute needs Transformer Engine on this release."""
 
 CANONICAL_MTP_INNER_LAYER = "transformer_layer"
 """The name checkpoints use for it, whatever the release (0.16's)."""
