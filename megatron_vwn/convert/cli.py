@@ -90,6 +90,9 @@ def _export(ns: argparse.Namespace) -> int:
     from megatron_vwn.convert.export import describe, export_checkpoint
     from megatron_vwn.convert.safetensors_io import parse_size
     from megatron_vwn.convert.verify import DEFAULT_TEXT, check_parity
+    from megatron_vwn.data.hf_tokenizer import stay_offline
+
+    stay_offline()  # everything is local: no Hub look-up (nor its retries) from transformers
 
     try:
         shard_bytes = parse_size(ns.max_shard_size)
@@ -109,6 +112,9 @@ def _import(ns: argparse.Namespace) -> int:
     from pathlib import Path
 
     from megatron_vwn.convert.importer import describe_import, import_hf_llama
+    from megatron_vwn.data.hf_tokenizer import stay_offline
+
+    stay_offline()
 
     bad = [item for item in ns.overrides if "=" not in item]
     if bad:
