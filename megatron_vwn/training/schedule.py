@@ -76,8 +76,10 @@ def load_schedule_state(scheduler: OptimizerParamScheduler, state: dict) -> None
     if start is not None and saved_start != start:
         where = ("in the stable phase" if state["num_steps"] <= start
                  else "already past the new decay start: the learning rate jumps")
-        logger.warning("WSD decay start moved from iteration %s (checkpoint) to %d (config); "
-                       "resuming at step %d, %s", saved_start, start, state["num_steps"], where)
+        before = ("a schedule without one" if saved_start is None
+                  else f"iteration {saved_start}")
+        logger.warning("WSD decay start moved from %s (checkpoint) to %d (config); resuming at "
+                       "step %d, %s", before, start, state["num_steps"], where)
     override = scheduler.override_opt_param_scheduler
     scheduler.override_opt_param_scheduler = True
     try:
