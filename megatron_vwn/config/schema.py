@@ -332,7 +332,8 @@ class ParallelConfig:
 
 @dataclass
 class TrainConfig:
-    """Optimisation: AdamW, linear warmup + cosine decay, clipping, evaluation cadence."""
+    """Optimisation: AdamW, linear warmup + LR schedule, clipping, recompute, precision,
+    evaluation cadence."""
 
     iters: int = 200
     micro_batch_size: int = 4
