@@ -15,7 +15,9 @@ reports median-time ratios against the backbone:
 Memory is the bytes of activations saved for backward in one forward (counted with
 ``saved_tensors_hooks``, on any device) and, on GPU, the peak allocated memory of a step. The
 recompute variants (``model.vwn.recompute``, docs/gpu.md) also report their layer time against
-the same width without recompute: the time their memory costs.
+the same width without recompute: the time their memory costs. The ``train.recompute`` variants
+(Megatron-Core's selective / full activation recompute) act in the stack, not in the layer
+probe: their cost shows in the step time, their saving in the saved bytes.
 
     python scripts/bench_vwn.py [--hidden 1024 2048] [--layers 2] [--seq 256] [--mbs 1]
     python scripts/bench_vwn.py --markdown   # rows for docs/benchmarks.md
@@ -45,6 +47,14 @@ VARIANTS = {
     "8x (8,64) recompute=coefficients": ["model.vwn.m=8", "model.vwn.n=64",
                                          "model.vwn.recompute=coefficients"],
     "8x (8,64) recompute=ghc": ["model.vwn.m=8", "model.vwn.n=64", "model.vwn.recompute=ghc"],
+    # Megatron-Core activation recompute (train.recompute, docs/scale.md) on the whole model:
+    "backbone recompute=selective": ["train.recompute=selective",
+                                     "train.recompute_modules=[core_attn,mlp]"],
+    "backbone recompute=full": ["train.recompute=full"],
+    "8x (8,64) recompute=selective": ["model.vwn.m=8", "model.vwn.n=64",
+                                      "train.recompute=selective",
+                                      "train.recompute_modules=[core_attn,mlp]"],
+    "8x (8,64) recompute=full": ["model.vwn.m=8", "model.vwn.n=64", "train.recompute=full"],
     "AltUp K=2": ["model.vwn.connection=altup", "model.vwn.m=1", "model.vwn.n=2",
                   "model.vwn.dynamic=false", "model.vwn.embedding=wide"],
     "Recycled-AltUp K=2": ["model.vwn.connection=altup", "model.vwn.m=1", "model.vwn.n=2",
@@ -203,10 +213,13 @@ def bench_hidden(args: argparse.Namespace, hidden: int) -> list[dict]:
         rows.append({
             "hidden": hidden, "layers": args.layers, "seq": args.seq, "variant": name,
             "m": vwn.m, "n": vwn.n, "recompute": vwn.recompute_mode,
+            "train_recompute": cfgs[name].train.recompute,
             "kernel": args.kernel if VARIANTS[name] else "-",
             "step_ms": step_t * 1e3, "step_ratio": step_t / step_base,
             "layer_ms": layer_t * 1e3, "layer_ratio": layer_t / layer_base,
             "recompute_layer_cost": cost,
+            "recompute_step_cost": (step_t / statistics.median(step_times[base_name])
+                                    if base_name in step_times else float("nan")),
             "activation_MB": activations[name] / 2**20,
             "activation_ratio": activations[name] / activations["backbone"],
             "peak_MB": peaks.get(name, float("nan")) / 2**20,
@@ -239,6 +252,7 @@ def main() -> int:
     for r in rows:
         cost = "" if r["recompute_layer_cost"] != r["recompute_layer_cost"] else \
             f"{r['recompute_layer_cost']:.3f}"
+        step_cost = f", x{r['recompute_step_cost']:.3f} step)"
         if args.markdown:
             print(f"| {r['hidden']} | {r['variant']} | {r['params_M']:.1f} | {r['step_ms']:.0f} |"
                   f" {r['step_ratio']:.3f} | {r['layer_ms']:.1f} | {r['layer_ratio']:.3f} | "
@@ -247,7 +261,8 @@ def main() -> int:
         else:
             print(f"D={r['hidden']:5d} {r['variant']:34s} step {r['step_ms']:8.1f} ms "
                   f"x{r['step_ratio']:.3f}  layer {r['layer_ms']:7.1f} ms x{r['layer_ratio']:.3f}"
-                  f"{'  (recompute x' + cost + ')' if cost else ''}"
+                  f"{'  (recompute x' + cost + ' layer' if cost else ''}"
+                  f"{step_cost if cost else ''}"
                   f"  act {r['activation_MB']:7.1f} MB (x{r['activation_ratio']:.2f})"
                   f"  params {r['params_M']:.1f}M")
     return 0

@@ -6,7 +6,7 @@
 # drops its torch/triton pins on CUDA machines, which bring their own.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-EXTRAS="dev,hf,analysis,profile,kernels"
+EXTRAS="dev,hf,analysis,profile,kernels,tensorboard"
 PY="${PYTHON:-python3}"
 tmp="$(mktemp -d)"
 trap 'rm -rf "$tmp"' EXIT

@@ -4,6 +4,6 @@
 # Arguments go to pytest, e.g. `bash scripts/test.sh tests/unit -k config`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/setup_env.sh dev,hf,analysis,profile,kernels
+bash scripts/setup_env.sh dev,hf,analysis,profile,kernels,tensorboard
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}" WANDB_MODE="${WANDB_MODE:-disabled}"
 exec .venv/bin/python -m pytest -q -ra --durations=15 "${@:-tests}"

@@ -19,7 +19,7 @@ want="$(sha256sum pyproject.toml | cut -c1-16) mcore=${MCORE}"
 pip() { "$VENV/bin/python" -m pip --disable-pip-version-check -q "$@"; }
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   "$VENV/bin/python" -c "import torch" >/dev/null 2>&1 || pip install "torch==2.13.0"
-  DS_BUILD_OPS=0 pip install -e ".[dev,hf,analysis,profile,kernels]"
+  DS_BUILD_OPS=0 pip install -e ".[dev,hf,analysis,profile,kernels,tensorboard]"
   pip install --upgrade transformers safetensors
   if "$VENV/bin/python" -c 'import sys; sys.exit(sys.version_info < (3, 12))'; then
     pip install "megatron-core==${MCORE}"

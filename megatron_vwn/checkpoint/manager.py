@@ -71,6 +71,7 @@ from megatron_vwn.config.errors import ConfigError
 from megatron_vwn.model.mcore_compat import load_common_state_dict
 from megatron_vwn.training.faults import SaveFailed, any_rank
 from megatron_vwn.training.optim import use_distributed_optimizer
+from megatron_vwn.training.schedule import load_schedule_state, schedule_state_dict
 
 logger = logging.getLogger(__name__)
 
@@ -227,7 +228,7 @@ class CheckpointManager:
                         "run at iteration 0", path, saved.state.iteration, saved.layout.describe())
             return RunState()
         load_optimizer_state(optimizer, loaded["optimizer"])
-        _load_scheduler(scheduler, loaded["opt_param_scheduler"])
+        load_schedule_state(scheduler, loaded["opt_param_scheduler"])
         if same_layout:
             restore_rng(loaded["rng_state"])
         else:
@@ -299,7 +300,7 @@ class CheckpointManager:
                 optimizer, dict(state_dict), self.metadata, is_loading=False
             )
             state_dict["rng_state"] = rng_sharded_object(capture_rng())
-            state_dict["opt_param_scheduler"] = scheduler.state_dict()
+            state_dict["opt_param_scheduler"] = schedule_state_dict(scheduler)
             layout = Layout.current()
             state_dict["run"] = SavedRun(
                 state=state, layout=layout, padded_vocab_size=self.padded_vocab_size,
@@ -414,22 +415,3 @@ class CheckpointManager:
 def _same_layout(saved: Layout, here: Layout) -> bool:
     return (saved.tensor, saved.pipeline, saved.data) == (here.tensor, here.pipeline, here.data)
 
-
-def _load_scheduler(scheduler, state: dict) -> None:
-    """Continue the schedule at the saved step; the config's schedule values win (so a run may
-    be extended with a larger ``train.iters``), and changed values are logged."""
-    current = scheduler.state_dict()
-    ignored = {"num_steps"}
-    if current["wd_incr_style"] == "constant":
-        ignored.add("wd_incr_steps")
-    changed = {k: (v, current[k]) for k, v in state.items()
-               if k not in ignored and k in current and current[k] != v}
-    if changed:
-        logger.warning("LR schedule differs from the checkpoint's; using the config's: %s",
-                       ", ".join(f"{k} {old} -> {new}" for k, (old, new) in changed.items()))
-    override = scheduler.override_opt_param_scheduler
-    scheduler.override_opt_param_scheduler = True
-    try:
-        scheduler.load_state_dict(state)
-    finally:
-        scheduler.override_opt_param_scheduler = override

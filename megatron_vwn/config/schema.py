@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from megatron_vwn.config.errors import ConfigError
+from megatron_vwn.config.switches import validate_schedule
 
 
 def _positive(key: str, value: float | None, allow_zero: bool = False) -> None:
@@ -331,7 +332,8 @@ class ParallelConfig:
 
 @dataclass
 class TrainConfig:
-    """Optimisation: AdamW, linear warmup + cosine decay, clipping, evaluation cadence."""
+    """Optimisation: AdamW, linear warmup + LR schedule, clipping, recompute, precision,
+    evaluation cadence."""
 
     iters: int = 200
     micro_batch_size: int = 4
@@ -348,8 +350,9 @@ class TrainConfig:
     clip_grad: float = 1.0
     """Global gradient-norm clip; 0 disables clipping."""
     seed: int = 1234
-    precision: Literal["auto", "fp32", "bf16"] = "auto"
-    """auto: bf16 on GPU, fp32 on CPU."""
+    precision: Literal["auto", "fp32", "bf16", "fp8"] = "auto"
+    """auto: bf16 on GPU, fp32 on CPU. fp8: bf16 weights and FP8 GEMMs through Transformer
+    Engine (CUDA only; docs/scale.md)."""
     eval_interval: int = 50
     """Validate every this many iterations (and at the end); 0 disables validation."""
     eval_iters: int = 4
@@ -364,6 +367,32 @@ class TrainConfig:
     row with ``skipped: true`` and go on (docs/reliability.md)."""
     max_skipped_steps: int = 10
     """With nan_policy=skip: stop (as with stop) after this many consecutive skipped steps."""
+    lr_schedule: Literal["cosine", "linear", "constant", "wsd"] = "cosine"
+    """After the linear warmup: cosine or linear decay to ``min_lr`` over ``lr_decay_iters``,
+    ``constant`` (stays at ``lr``), or ``wsd`` (warmup-stable-decay: ``lr`` until the last
+    ``lr_wsd_decay_iters`` of ``lr_decay_iters``, then down to ``min_lr``; docs/scale.md)."""
+    lr_wsd_decay_iters: int | None = None
+    """wsd: iterations of the decay phase, ending at ``lr_decay_iters``; None: the last 20%."""
+    lr_wsd_decay_style: Literal["linear", "cosine", "exponential", "minus_sqrt"] = "linear"
+    """wsd: the shape of the decay phase (Megatron-Core's ``lr_wsd_decay_style``)."""
+    recompute: Literal["none", "selective", "full"] = "none"
+    """Activation recompute (Megatron-Core's ``recompute_granularity``; docs/scale.md):
+    ``selective`` recomputes ``recompute_modules`` of every layer, ``full`` whole layers (their
+    width connections included), keeping only each recomputed unit's input."""
+    recompute_method: Literal["uniform", "block"] | None = None
+    """full: ``uniform`` recomputes every layer in units of ``recompute_num_layers``; ``block``
+    recomputes the first ``recompute_num_layers`` layers of each pipeline stage. None: uniform."""
+    recompute_num_layers: int | None = None
+    """full: layers per recomputed unit (uniform) or per stage (block); None: 1 (uniform), all
+    of the stage's layers (block)."""
+    recompute_modules: list[str] | None = None
+    """selective: submodules to recompute (``core_attn``, ``layernorm``, ``mlp``); None:
+    ``[core_attn]``."""
+    fp8_recipe: Literal["delayed", "tensorwise", "mxfp8", "blockwise"] = "delayed"
+    """precision=fp8: Transformer Engine's scaling recipe (docs/scale.md): delayed scaling,
+    current (per-tensor) scaling, MXFP8 (Blackwell) or block-wise scaling (Hopper)."""
+    fp8_first_last_bf16: bool = False
+    """precision=fp8: keep the first and last transformer layers in bf16."""
 
     def validate(self) -> None:
         _positive("train.max_skipped_steps", self.max_skipped_steps)
@@ -385,10 +414,16 @@ class TrainConfig:
         _positive("train.adam_eps", self.adam_eps)
         if self.eval_interval and not self.eval_iters:
             raise ConfigError("train.eval_iters must be > 0 when train.eval_interval > 0")
+        validate_schedule(self)
 
     @property
     def decay_iters(self) -> int:
         return self.lr_decay_iters or self.iters
+
+    @property
+    def wsd_decay_iters(self) -> int:
+        """Length of the WSD decay phase: ``lr_wsd_decay_iters`` or 20% of ``decay_iters``."""
+        return self.lr_wsd_decay_iters or max(1, round(0.2 * self.decay_iters))
 
 
 @dataclass
@@ -402,7 +437,10 @@ class DataConfig:
     split: str = "98,2,0"
     """Document-level train,valid,test split of every dataset (Megatron's split string)."""
     tokenizer_model: str | None = None
-    """SentencePiece ``.model``; None means the tokenizer trained on the bundled corpus."""
+    """SentencePiece ``.model``, Hugging Face ``tokenizer.json`` or a directory holding one; None
+    means the tokenizer trained on the bundled corpus."""
+    eod_token: str | None = None
+    """Hugging Face tokenizers: the end-of-document token; None: its eos, else <|endoftext|>."""
     tokenizer_vocab_size: int = 4096
     """Vocabulary of the tokenizer built for the bundled corpus."""
     cache_dir: str | None = None
@@ -448,6 +486,9 @@ class LoggingConfig:
     wandb: Literal["off", "offline", "online"] = "offline"
     """offline writes wandb files under run.dir/wandb with no network; online needs a login."""
     wandb_project: str = "megatron-vwn"
+    tensorboard: Literal["off", "on"] = "off"
+    """on: the same scalars as wandb as TensorBoard events under run.dir/tensorboard (needs the
+    ``tensorboard`` package, the 'tensorboard' extra)."""
 
     def validate(self) -> None:
         _positive("logging.interval", self.interval)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from megatron_vwn.config.errors import ConfigError
 from megatron_vwn.config.schema import Config
+from megatron_vwn.config.switches import validate_switches
 
 
 def validate(cfg: Config, world_size: int | None = None) -> None:
@@ -19,6 +20,7 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
     cfg.checkpoint.validate()
     cfg.analysis.validate()
     cfg.debug.validate()
+    validate_switches(cfg)
     model, par = cfg.model, cfg.parallel
     if cfg.analysis.interaction_interval and model.mtp.num_layers:
         raise ConfigError(

@@ -32,7 +32,8 @@ def add_convert_arguments(parser: argparse.ArgumentParser) -> None:
                     help="largest safetensors shard, e.g. 2GB, 500MB (default 2GB)")
     tokenizer = hf.add_mutually_exclusive_group()
     tokenizer.add_argument("--tokenizer", default=None,
-                           help="SentencePiece .model (default: the run's data.tokenizer_model, "
+                           help="SentencePiece .model or Hugging Face tokenizer.json or its "
+                                "directory (default: the run's data.tokenizer_model, "
                                 "or the bundled corpus's tokenizer)")
     tokenizer.add_argument("--no-tokenizer", action="store_true",
                            help="write the model without tokenizer files")
@@ -89,6 +90,9 @@ def _export(ns: argparse.Namespace) -> int:
     from megatron_vwn.convert.export import describe, export_checkpoint
     from megatron_vwn.convert.safetensors_io import parse_size
     from megatron_vwn.convert.verify import DEFAULT_TEXT, check_parity
+    from megatron_vwn.data.hf_tokenizer import stay_offline
+
+    stay_offline()  # everything is local: no Hub look-up (nor its retries) from transformers
 
     try:
         shard_bytes = parse_size(ns.max_shard_size)
@@ -108,6 +112,9 @@ def _import(ns: argparse.Namespace) -> int:
     from pathlib import Path
 
     from megatron_vwn.convert.importer import describe_import, import_hf_llama
+    from megatron_vwn.data.hf_tokenizer import stay_offline
+
+    stay_offline()
 
     bad = [item for item in ns.overrides if "=" not in item]
     if bad:

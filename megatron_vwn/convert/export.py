@@ -47,14 +47,15 @@ class ExportResult:
 
 
 def resolve_tokenizer(cfg: Config, explicit: str | None) -> str | None:
-    """The run's SentencePiece model: ``explicit``, ``data.tokenizer_model``, or the bundled
-    corpus's tokenizer (rebuilt byte-identically in the cache if it is gone); None if unknown."""
-    from megatron_vwn.data.tokenizer import check_tokenizer_model
+    """The run's tokenizer (SentencePiece ``.model`` or Hugging Face ``tokenizer.json`` / its
+    directory): ``explicit``, ``data.tokenizer_model``, or the bundled corpus's tokenizer (rebuilt
+    byte-identically in the cache if it is gone); None if unknown."""
+    from megatron_vwn.data.tokenizer import open_tokenizer
 
     if explicit:
-        check_tokenizer_model(explicit)
+        open_tokenizer(explicit, cfg.data.eod_token)
         return explicit
-    if cfg.data.tokenizer_model and Path(cfg.data.tokenizer_model).is_file():
+    if cfg.data.tokenizer_model and Path(cfg.data.tokenizer_model).exists():
         return cfg.data.tokenizer_model
     if not cfg.data.paths and not cfg.data.tokenizer_model:
         from megatron_vwn.data.datasets import prepare_data
@@ -172,9 +173,16 @@ def export_loaded(loaded: LoadedModel, out_dir: str | Path, *, fmt: str = "auto"
 
     token_ids = {"pad_token_id": PAD_ID, "bos_token_id": BOS_ID, "eos_token_id": EOS_ID}
     if tokenizer_model is not None:
-        from megatron_vwn.convert.tokenizer import write_hf_tokenizer
+        from megatron_vwn.convert.tokenizer import write_hf_tokenizer, write_hf_tokenizer_json
+        from megatron_vwn.data.hf_tokenizer import is_hf_tokenizer
 
-        token_ids = write_hf_tokenizer(tokenizer_model, out_dir, loaded.cfg.model.seq_length)
+        if is_hf_tokenizer(tokenizer_model):
+            token_ids = write_hf_tokenizer_json(tokenizer_model, out_dir,
+                                                loaded.cfg.data.eod_token,
+                                                loaded.cfg.model.seq_length)
+        else:
+            token_ids = write_hf_tokenizer(tokenizer_model, out_dir,
+                                           loaded.cfg.model.seq_length)
 
     shape = MapShape.of(loaded.cfg.model, loaded.vocab_size, loaded.padded_vocab_size)
     rules = llama_rules(shape) if fmt == "llama" else vwn_rules(shape)
@@ -212,7 +220,7 @@ def export_checkpoint(source: str | Path, out_dir: str | Path, *, fmt: str = "au
                       tokenizer: str | None = None, with_tokenizer: bool = True) -> ExportResult:
     """Load ``source`` (run dir, checkpoints dir or ``iter_*`` dir) and export it."""
     from megatron_vwn.config.loader import from_dict
-    from megatron_vwn.convert.tokenizer import sentencepiece_vocab_size
+    from megatron_vwn.convert.tokenizer import tokenizer_vocab_size
 
     _, saved = read_saved_run(source)
     saved_cfg = from_dict(saved.config)
@@ -223,9 +231,10 @@ def export_checkpoint(source: str | Path, out_dir: str | Path, *, fmt: str = "au
     if with_tokenizer and tokenizer_model is None:
         raise ConfigError(
             f"cannot find the tokenizer of {source} (data.tokenizer_model "
-            f"{saved_cfg.data.tokenizer_model!r} is not a file): pass --tokenizer PATH.model, "
+            f"{saved_cfg.data.tokenizer_model!r} is not a file): pass --tokenizer PATH, "
             f"or --no-tokenizer to export the weights only")
-    tokenizer_vocab = sentencepiece_vocab_size(tokenizer_model) if tokenizer_model else None
+    tokenizer_vocab = (tokenizer_vocab_size(tokenizer_model, saved_cfg.data.eod_token)
+                       if tokenizer_model else None)
     loaded = load_checkpoint(source, tokenizer_vocab=tokenizer_vocab)
     return export_loaded(loaded, out_dir, fmt=fmt, dtype=dtype, max_shard_bytes=max_shard_bytes,
                          tokenizer_model=tokenizer_model)

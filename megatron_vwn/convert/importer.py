@@ -86,13 +86,13 @@ def import_config(hf_dir: Path, overrides: list[str]) -> Config:
     tokenizer = hf_dir / "tokenizer.model"
     if tokenizer.is_file():
         raw["data"] = {"tokenizer_model": str(tokenizer.resolve())}
+    elif (hf_dir / "tokenizer.json").is_file():  # the folder: its tokenizer_config names the eos
+        raw["data"] = {"tokenizer_model": str(hf_dir.resolve())}
     elif not any(item.startswith("data.tokenizer_model=") for item in overrides):
-        found = ("a tokenizer.json (a Hugging Face tokenizer, which megatron-vwn does not read "
-                 "yet)" if (hf_dir / "tokenizer.json").is_file() else "no tokenizer file")
         raise ConfigError(
-            f"{hf_dir} has {found} and no tokenizer.model: give data.tokenizer_model=PATH, the "
-            f"SentencePiece model whose ids this model was trained on (training on another "
-            f"tokenizer's ids would learn the wrong tokens)")
+            f"{hf_dir} has no tokenizer file (no tokenizer.model, no tokenizer.json): give "
+            f"data.tokenizer_model=PATH, the tokenizer whose ids this model was trained on "
+            f"(training on another tokenizer's ids would learn the wrong tokens)")
     for item in overrides:
         key, value = parse_override(item)
         node = raw
@@ -103,6 +103,21 @@ def import_config(hf_dir: Path, overrides: list[str]) -> Config:
     cfg = from_dict(raw)
     cfg.model.validate()
     return cfg
+
+
+def _check_tokenizer(cfg: Config) -> None:
+    """The tokenizer the run will use opens, and its ids fit the model's vocabulary."""
+    from megatron_vwn.data.tokenizer import open_tokenizer
+
+    path = cfg.data.tokenizer_model
+    try:
+        vocab = open_tokenizer(path, cfg.data.eod_token).vocab_size
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"data.tokenizer_model ({path!r}): {exc}") from None
+    if vocab > cfg.model.vocab_size:
+        raise ConfigError(f"data.tokenizer_model ({path!r}) has {vocab} ids, more than the "
+                          f"model's vocabulary ({cfg.model.vocab_size}): not this model's "
+                          f"tokenizer")
 
 
 def _take(target: torch.Tensor, source: torch.Tensor, name: str) -> str:
@@ -136,6 +151,7 @@ def import_hf_llama(hf_dir: str | Path, out_dir: str | Path,
         raise ConfigError(f"{hf_dir} has no config.json (expected a Hugging Face model directory)")
     cfg = import_config(hf_dir, list(overrides or []))
     validate(cfg)
+    _check_tokenizer(cfg)
     padded = padded_vocab_size(cfg.model.vocab_size, cfg.model.make_vocab_size_divisible_by,
                                cfg.parallel.tensor)
     model = build_single_model(single_process_config(cfg), padded)

@@ -1,4 +1,5 @@
-"""SentencePiece ``.model`` -> Hugging Face tokenizer files whose ids equal SentencePiece's.
+"""SentencePiece ``.model`` -> Hugging Face tokenizer files whose ids equal SentencePiece's (a
+Hugging Face ``tokenizer.json`` is carried over as it is: :func:`write_hf_tokenizer_json`).
 
 transformers converts a SentencePiece BPE model to a ``tokenizers`` BPE (vocabulary, merges,
 byte fallback). Its Llama pipeline then differs from SentencePiece on two points that matter for
@@ -92,7 +93,30 @@ def write_hf_tokenizer(model_path: str | Path, out_dir: Path, model_max_length: 
     return {key: (value if value >= 0 else None) for key, value in ids.items()}
 
 
-def sentencepiece_vocab_size(model_path: str | Path) -> int:
-    import sentencepiece as spm
+def tokenizer_vocab_size(path: str | Path, eod_token: str | None = None) -> int:
+    """Vocabulary of a SentencePiece model or a Hugging Face tokenizer."""
+    from megatron_vwn.data.tokenizer import open_tokenizer
 
-    return spm.SentencePieceProcessor(model_file=str(model_path)).get_piece_size()
+    return open_tokenizer(str(path), eod_token).vocab_size
+
+
+def write_hf_tokenizer_json(path: str | Path, out_dir: Path, eod_token: str | None,
+                            model_max_length: int) -> dict:
+    """Carry a Hugging Face ``tokenizer.json`` into the export unchanged, with a
+    ``tokenizer_config.json`` whose ``eos_token`` is the EOD training used and that adds no
+    special tokens, so ``AutoTokenizer`` gives the ids training saw; returns the token ids."""
+    from megatron_vwn.data.hf_tokenizer import HFTokenizer, stay_offline
+
+    stay_offline()
+    tokenizer = HFTokenizer(path, eod_token)
+    shutil.copyfile(tokenizer.path, out_dir / "tokenizer.json")
+    specials = {"eos_token": tokenizer.eod_token}
+    if tokenizer.pad >= 0:
+        specials["pad_token"] = "<pad>"
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", **specials, "add_bos_token": False,
+              "add_eos_token": False, "clean_up_tokenization_spaces": False,
+              "model_max_length": model_max_length}
+    (out_dir / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
+    (out_dir / "special_tokens_map.json").write_text(json.dumps(specials, indent=2) + "\n")
+    return {"pad_token_id": tokenizer.pad if tokenizer.pad >= 0 else None, "bos_token_id": None,
+            "eos_token_id": tokenizer.eod}

@@ -85,8 +85,8 @@ class ParityReport:
         parts = [f"max |logit difference| {self.max_abs_diff:.3g} over {self.tokens} tokens"]
         parts += [f"mtp depth {k}: {d:.3g}" for k, d in enumerate(self.mtp_max_abs_diff, 1)]
         if self.tokenizer_matches is not None:
-            parts.append("tokenizer ids match SentencePiece" if self.tokenizer_matches
-                         else "tokenizer ids DIFFER from SentencePiece")
+            parts.append("tokenizer ids match training's" if self.tokenizer_matches
+                         else "tokenizer ids DIFFER from training's")
         return "; ".join(parts)
 
 
@@ -96,10 +96,17 @@ def _round_through(model: torch.nn.Module, dtype: torch.dtype) -> None:
             param.copy_(param.to(dtype).to(param.dtype))
 
 
-def encode(text: str, tokenizer_model: str | None, vocab: int, limit: int) -> list[int]:
+def encode(text: str, tokenizer_model: str | None, vocab: int, limit: int,
+           eod_token: str | None = None) -> list[int]:
+    """The ids training gives ``text`` (SentencePiece or Hugging Face tokenizer), or random ids
+    without a tokenizer."""
     if tokenizer_model is None:
         generator = torch.Generator().manual_seed(0)
         return torch.randint(4, vocab, (min(limit, 64),), generator=generator).tolist()
+    from megatron_vwn.data.hf_tokenizer import HFTokenizer, is_hf_tokenizer
+
+    if is_hf_tokenizer(tokenizer_model):
+        return HFTokenizer(tokenizer_model, eod_token).tokenize(text)[:limit]
     import sentencepiece as spm
 
     ids = spm.SentencePieceProcessor(model_file=str(tokenizer_model)).encode(text)
@@ -112,7 +119,8 @@ def check_parity(result, text: str = DEFAULT_TEXT, tolerance: float = TOLERANCE,
     loaded = result.loaded
     if dtype == "bf16":
         _round_through(loaded.model, torch.bfloat16)
-    ids = encode(text, result.tokenizer_model, loaded.vocab_size, loaded.cfg.model.seq_length)
+    ids = encode(text, result.tokenizer_model, loaded.vocab_size, loaded.cfg.model.seq_length,
+                 loaded.cfg.data.eod_token)
     matches = None
     if result.tokenizer_model is not None:
         from transformers import AutoTokenizer

@@ -52,19 +52,27 @@ def _file_sha256(path: str) -> str:
     return digest.hexdigest()
 
 
-def _check_tokenizer_model(model: str | None, why: str) -> str:
-    from megatron_vwn.data.tokenizer import check_tokenizer_model
+def _check_tokenizer_model(model: str | None, why: str, eod_token: str | None = None) -> str:
+    from megatron_vwn.data.tokenizer import open_tokenizer
 
     if not model:
         raise ConfigError(f"data.tokenizer_model is required {why}")
     path = os.path.abspath(os.path.expanduser(model))
-    if not os.path.isfile(path):
+    if not os.path.exists(path):
         raise ConfigError(f"data.tokenizer_model ({model!r}): no such file")
     try:
-        check_tokenizer_model(path)
+        open_tokenizer(path, eod_token)
     except ValueError as err:
         raise ConfigError(f"data.tokenizer_model ({model!r}): {err}") from err
     return path
+
+
+def _tokenizer_key(path: str, eod_token: str | None) -> str:
+    """What identifies a user tokenizer in cache keys: its file's bytes (and a chosen EOD)."""
+    from megatron_vwn.data.hf_tokenizer import hf_tokenizer_file
+
+    file = hf_tokenizer_file(path) or path
+    return _file_sha256(str(file)) + (f"-eod-{eod_token}" if eod_token else "")
 
 
 def _check_prefix(index: int, path: str) -> str:
@@ -89,13 +97,13 @@ def _no_training_documents(cfg: DataConfig, index: int, path: str, count: int) -
     )
 
 
-def _check_files(paths: list[str], tokenizer_model: str) -> None:
+def _check_files(paths: list[str], tokenizer_model: str, eod_token: str | None = None) -> None:
     """Every ``.bin``/``.idx`` pair intact, non-empty and within the tokenizer's vocabulary
     (``data/validate.py``): one line naming the file otherwise."""
-    from megatron_vwn.data.tokenizer import check_tokenizer_model
+    from megatron_vwn.data.tokenizer import open_tokenizer
     from megatron_vwn.data.validate import check_indexed_dataset
 
-    vocab = check_tokenizer_model(tokenizer_model).get_piece_size()
+    vocab = open_tokenizer(tokenizer_model, eod_token).vocab_size
     for index, path in enumerate(paths):
         check_indexed_dataset(path, vocab, f"data.paths[{index}]")
 
@@ -116,12 +124,12 @@ def _check_split(cfg: DataConfig, paths: list[str]) -> None:
 def _prepare_bundled(cfg: DataConfig, cache_dir: str) -> PreparedData:
     user_model = None
     if cfg.tokenizer_model:
-        user_model = _check_tokenizer_model(cfg.tokenizer_model, "")
+        user_model = _check_tokenizer_model(cfg.tokenizer_model, "", cfg.eod_token)
     if user_model is None:
         vocab = cfg.tokenizer_vocab_size
         tokenizer_key, label = f"trained-bpe-{vocab}", f"v{vocab}"
     else:
-        tokenizer_key, label = f"user-{_file_sha256(user_model)}", "usertok"
+        tokenizer_key, label = f"user-{_tokenizer_key(user_model, cfg.eod_token)}", "usertok"
     key = hashlib.sha256(
         f"build={BUNDLED_BUILD_VERSION}\ncorpus={bundled.bundled_corpus_sha256()}\n"
         f"tokenizer={tokenizer_key}\n".encode()
@@ -137,7 +145,8 @@ def _prepare_bundled(cfg: DataConfig, cache_dir: str) -> PreparedData:
         if model is None:
             model = train_tokenizer(documents, os.path.join(tmp_dir, "tokenizer"),
                                     cfg.tokenizer_vocab_size)
-        write_indexed_dataset(documents, os.path.join(tmp_dir, bundled.BUNDLED_NAME), model)
+        write_indexed_dataset(documents, os.path.join(tmp_dir, bundled.BUNDLED_NAME), model,
+                              eod_token=cfg.eod_token)
 
     logger.info("bundled corpus: using cache %s", directory)
     build_once(directory, build)
@@ -170,15 +179,16 @@ def prepare_data(cfg: DataConfig) -> PreparedData:
     cache_dir = resolve_cache_dir(cfg.cache_dir)
     if not cfg.paths:
         prepared = _prepare_bundled(cfg, cache_dir)
-        _check_files(prepared.paths, prepared.tokenizer_model)
+        _check_files(prepared.paths, prepared.tokenizer_model, cfg.eod_token)
         _check_split(cfg, prepared.paths)
         return prepared
     paths = [_check_prefix(i, p) for i, p in enumerate(cfg.paths)]
     model = _check_tokenizer_model(
         cfg.tokenizer_model,
-        "when data.paths is set: the SentencePiece .model the data was preprocessed with",
+        "when data.paths is set: the tokenizer the data was preprocessed with",
+        cfg.eod_token,
     )
-    _check_files(paths, model)
+    _check_files(paths, model, cfg.eod_token)
     _check_split(cfg, paths)
     weights = [float(w) for w in cfg.weights] if cfg.weights is not None else None
     return PreparedData(tokenizer_model=model, paths=paths, weights=weights, cache_dir=cache_dir)

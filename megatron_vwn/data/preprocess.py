@@ -24,7 +24,7 @@ import numpy as np
 
 from megatron_vwn.config.errors import ConfigError
 from megatron_vwn.data.readers import DocumentError, iter_documents_from_files
-from megatron_vwn.data.tokenizer import check_tokenizer_model, train_tokenizer
+from megatron_vwn.data.tokenizer import SentencePieceFile, open_tokenizer, train_tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -54,8 +54,24 @@ def _batched(items: Iterable[str], size: int) -> Iterator[list[str]]:
         yield batch
 
 
+def _encoded(tokenizer, documents: Iterable[str], workers: int) -> Iterator[list[int]]:
+    """Token ids of each document, in order, encoded a batch at a time on ``workers`` threads:
+    SentencePiece's, or the ``tokenizers`` library's Rust thread pool (``RAYON_NUM_THREADS``;
+    that pool is built on its first parallel use, so the first ``workers`` > 1 of a process
+    sets its size)."""
+    if isinstance(tokenizer, SentencePieceFile):
+        for batch in _batched(documents, ENCODE_BATCH):
+            yield from tokenizer.encode_batch(batch, threads=workers)
+        return
+    os.environ.setdefault("RAYON_NUM_THREADS", str(workers))
+    os.environ["TOKENIZERS_PARALLELISM"] = "true" if workers > 1 else "false"
+    for batch in _batched(documents, ENCODE_BATCH):
+        yield from tokenizer.encode_batch(batch)
+
+
 def write_indexed_dataset(
-    documents: Iterable[str], output_prefix: str, tokenizer_model: str, workers: int = 1
+    documents: Iterable[str], output_prefix: str, tokenizer_model: str, workers: int = 1,
+    eod_token: str | None = None,
 ) -> PreprocessResult:
     """Tokenize ``documents`` and write ``OUTPUT_PREFIX.bin`` / ``.idx``.
 
@@ -65,13 +81,15 @@ def write_indexed_dataset(
 
     Tokenization uses SentencePiece directly (``encode`` of a batch on ``workers`` threads,
     order preserved); it gives the same ids as the Megatron tokenizer's ``tokenize``, which
-    calls the same ``encode``, without importing Megatron-Core.
+    calls the same ``encode``, without importing Megatron-Core. A Hugging Face tokenizer encodes
+    batches on ``workers`` of its library's threads (order preserved), with the ids training's
+    :class:`~megatron_vwn.data.hf_tokenizer.HFTokenizer` gives.
     """
     from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder
 
-    processor = check_tokenizer_model(tokenizer_model)
-    eod = processor.eos_id()
-    dtype = DType.optimal_dtype(processor.get_piece_size())
+    tokenizer = open_tokenizer(tokenizer_model, eod_token)
+    eod = tokenizer.eod
+    dtype = DType.optimal_dtype(tokenizer.vocab_size)
     output_prefix = os.path.abspath(output_prefix)
     os.makedirs(os.path.dirname(output_prefix), exist_ok=True)
     bin_path, idx_path = f"{output_prefix}.bin", f"{output_prefix}.idx"
@@ -80,12 +98,11 @@ def write_indexed_dataset(
     builder = IndexedDatasetBuilder(bin_path + suffix, dtype=dtype)
     num_docs = num_tokens = 0
     try:
-        for batch in _batched(documents, ENCODE_BATCH):
-            for ids in processor.encode(batch, num_threads=max(1, workers)):
-                ids.append(eod)
-                builder.add_document(np.asarray(ids, dtype=dtype), [len(ids)])
-                num_docs += 1
-                num_tokens += len(ids)
+        for ids in _encoded(tokenizer, documents, max(1, workers)):
+            ids.append(eod)
+            builder.add_document(np.asarray(ids, dtype=dtype), [len(ids)])
+            num_docs += 1
+            num_tokens += len(ids)
         builder.finalize(idx_path + suffix)
         if num_docs == 0:
             raise DocumentError("no non-empty documents in the input")
@@ -109,18 +126,21 @@ def preprocess_files(
     json_key: str = "text",
     split_paragraphs: bool = False,
     workers: int = 1,
+    eod_token: str | None = None,
 ) -> PreprocessResult:
     """Preprocess input files into one indexed dataset, training a tokenizer first if asked.
 
     Args:
         inputs: ``.txt`` / ``.jsonl`` files, optionally ``.gz``; documents keep file order.
         output_prefix: where ``.bin`` / ``.idx`` go.
-        tokenizer_model: an existing SentencePiece ``.model``; with ``train_vocab_size`` it is
+        tokenizer_model: an existing SentencePiece ``.model`` or Hugging Face ``tokenizer.json``
+            (or its directory); with ``train_vocab_size`` it is
             where the new model is written instead (default ``OUTPUT_PREFIX.model``).
         train_vocab_size: train a BPE tokenizer of this size on the same inputs first.
         json_key: the text key in ``.jsonl`` inputs.
         split_paragraphs: in ``.txt`` inputs, one document per blank-line paragraph.
         workers: encoding threads.
+        eod_token: Hugging Face tokenizers: the end-of-document token (default: its eos).
     """
     def documents() -> Iterator[str]:
         return iter_documents_from_files(
@@ -135,7 +155,8 @@ def preprocess_files(
                                           train_vocab_size)
     if tokenizer_model is None:
         raise ValueError("give a tokenizer model or a vocabulary size to train one")
-    return write_indexed_dataset(documents(), output_prefix, tokenizer_model, workers=workers)
+    return write_indexed_dataset(documents(), output_prefix, tokenizer_model, workers=workers,
+                                 eod_token=eod_token)
 
 
 def add_preprocess_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -146,8 +167,12 @@ def add_preprocess_arguments(parser: argparse.ArgumentParser) -> argparse.Argume
     parser.add_argument("--output-prefix", required=True, metavar="PREFIX",
                         help="write PREFIX.bin and PREFIX.idx")
     parser.add_argument("--tokenizer-model", metavar="MODEL",
-                        help="SentencePiece .model to tokenize with; with --train-tokenizer, "
+                        help="SentencePiece .model or Hugging Face tokenizer.json (or a "
+                             "directory holding one) to tokenize with; with --train-tokenizer, "
                              "where to write the new model (default PREFIX.model)")
+    parser.add_argument("--eod-token", metavar="TOKEN",
+                        help="Hugging Face tokenizers: the end-of-document token appended to "
+                             "each document (default: its eos, else <|endoftext|>)")
     parser.add_argument("--train-tokenizer", action="store_true",
                         help="train a SentencePiece BPE tokenizer on the inputs first")
     parser.add_argument("--vocab-size", type=int, default=4096, metavar="N",
@@ -158,7 +183,7 @@ def add_preprocess_arguments(parser: argparse.ArgumentParser) -> argparse.Argume
                         help="in .txt inputs, make every blank-line separated paragraph a "
                              "document instead of the whole file")
     parser.add_argument("--workers", type=int, default=1, metavar="N",
-                        help="tokenizer threads (default 1)")
+                        help="encoding threads (default 1)")
     return parser
 
 
@@ -178,7 +203,7 @@ def _check_arguments(args: argparse.Namespace) -> None:
             )
     elif not args.tokenizer_model:
         raise ConfigError("--tokenizer-model is required unless --train-tokenizer is given")
-    elif not os.path.isfile(args.tokenizer_model):
+    elif not os.path.exists(args.tokenizer_model):
         raise ConfigError(f"--tokenizer-model ({args.tokenizer_model!r}): no such file")
 
 
@@ -201,6 +226,7 @@ def run_preprocess(args: argparse.Namespace) -> int:
             json_key=args.json_key,
             split_paragraphs=args.split_paragraphs,
             workers=args.workers,
+            eod_token=args.eod_token,
         )
     except DocumentError as err:
         raise ConfigError(f"--input: {err}") from err

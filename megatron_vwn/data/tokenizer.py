@@ -190,7 +190,8 @@ def check_tokenizer_model(model_path: str) -> object:
     try:
         processor.Load(model_path)
     except (OSError, RuntimeError) as err:
-        raise ValueError(f"{model_path} is not a SentencePiece model: {err}") from err
+        raise ValueError(f"{model_path} is neither a SentencePiece model nor a Hugging Face "
+                         f"tokenizer.json (or a directory holding one): {err}") from err
     if processor.eos_id() < 0:
         raise ValueError(
             f"{model_path} has no end-of-sentence piece; one is needed as the end-of-document "
@@ -199,8 +200,40 @@ def check_tokenizer_model(model_path: str) -> object:
     return processor
 
 
-def load_tokenizer(model_path: str):
-    """Load a SentencePiece model as a Megatron-Core tokenizer for ``GPTDatasetConfig``.
+class SentencePieceFile:
+    """A checked SentencePiece model with the interface :class:`~megatron_vwn.data.hf_tokenizer.
+    HFTokenizer` has for preprocessing (``vocab_size``, ``eod``, ``encode_batch``)."""
+
+    def __init__(self, processor):
+        self.processor = processor
+        self.vocab_size = processor.get_piece_size()
+        self.eod = processor.eos_id()
+
+    def encode_batch(self, texts: list[str], threads: int = 1) -> list[list[int]]:
+        return self.processor.encode(texts, num_threads=max(1, threads))
+
+
+def open_tokenizer(path: str, eod_token: str | None = None):
+    """A SentencePiece model or a Hugging Face tokenizer, by what the file holds.
+
+    Raises ``FileNotFoundError`` or ``ValueError`` (one line, for the caller to name its key).
+    """
+    from megatron_vwn.data.hf_tokenizer import HF_FILE, HFTokenizer, is_hf_tokenizer
+
+    if is_hf_tokenizer(path):
+        return HFTokenizer(path, eod_token)
+    if os.path.isdir(path):
+        raise ValueError(f"directory {path} holds no Hugging Face {HF_FILE}")
+    if eod_token:
+        raise ValueError(f"data.eod_token ({eod_token!r}) applies to Hugging Face tokenizers; a "
+                         f"SentencePiece model ends documents with its own eos: unset it")
+    return SentencePieceFile(check_tokenizer_model(path))
+
+
+def load_tokenizer(model_path: str, eod_token: str | None = None):
+    """Load a SentencePiece model as a Megatron-Core tokenizer for ``GPTDatasetConfig``; a
+    Hugging Face ``tokenizer.json`` (or its directory) as :class:`HFTokenizer`, the same
+    interface.
 
     The object is a ``megatron.core.tokenizers.MegatronTokenizerBase`` with ``.vocab_size``,
     ``.eod`` (the model's ``</s>``), ``.pad``, ``.tokenize(str) -> list[int]`` and
@@ -208,7 +241,9 @@ def load_tokenizer(model_path: str):
     names of its cached sample indices.
     """
     model_path = os.path.abspath(os.path.expanduser(model_path))
-    check_tokenizer_model(model_path)
+    tokenizer = open_tokenizer(model_path, eod_token)
+    if not isinstance(tokenizer, SentencePieceFile):
+        return tokenizer
     from megatron.core.tokenizers import MegatronTokenizer
 
     metadata = {"library": "sentencepiece", "model_type": "gpt"}

@@ -19,13 +19,15 @@ from megatron_vwn.model.specs import model_specs, resolve_transformer_impl
 from megatron_vwn.model.width.vwn import VWNShape
 from megatron_vwn.model.width.vwn_io import VWNEmbedding
 from megatron_vwn.parallel.cpu import cpu_mode
+from megatron_vwn.training.fp8 import fp8_fields
+from megatron_vwn.training.recompute import recompute_fields
 
 
 def compute_dtype(precision: str) -> torch.dtype:
-    """``auto`` is bf16 on GPU and fp32 on CPU."""
+    """``auto`` is bf16 on GPU and fp32 on CPU; fp8 keeps bf16 weights (FP8 GEMMs are TE's)."""
     if precision == "auto":
         return torch.float32 if cpu_mode() else torch.bfloat16
-    return {"fp32": torch.float32, "bf16": torch.bfloat16}[precision]
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp8": torch.bfloat16}[precision]
 
 
 def padded_vocab_size(vocab_size: int, divisible_by: int, tensor_parallel: int) -> int:
@@ -93,6 +95,8 @@ def build_transformer_config(cfg: Config) -> TransformerConfig:
         moe_token_dispatcher_type="alltoall",  # allgather refuses variable_seq_lengths
         mtp_num_layers=model.mtp.num_layers or None,
         mtp_loss_scaling_factor=model.mtp.loss_weight,
+        **recompute_fields(cfg),  # train.recompute*: docs/scale.md
+        **fp8_fields(cfg.train),  # train.precision=fp8: docs/scale.md
     )
     shape = vwn_shape(cfg)
     if shape is not None and shape.output_init_scale != 1.0:

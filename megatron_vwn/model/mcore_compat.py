@@ -40,12 +40,31 @@ from megatron.core.transformer.multi_token_prediction import MultiTokenPredictio
 
 from megatron_vwn.checkpoint.errors import CheckpointError
 
-__all__ = ["GPTModel", "MTP_INNER_LAYER", "LAYER_FORWARD_KEYWORDS", "mtp_layer_submodules",
-           "canonical_checkpoint_keys", "load_common_state_dict", "define_missing_te_gemm"]
+__all__ = ["GPTModel", "MTP_INNER_LAYER", "RECOMPUTE_MODULES", "RECOMPUTE_NEEDS_TE",
+           "LAYER_FORWARD_KEYWORDS", "mtp_layer_submodules", "canonical_checkpoint_keys",
+           "load_common_state_dict", "define_missing_te_gemm"]
 
 _MTP_FIELDS = {f.name for f in dataclasses.fields(MultiTokenPredictionLayerSubmodules)}
 MTP_INNER_LAYER = "mtp_model_layer" if "mtp_model_layer" in _MTP_FIELDS else "transformer_layer"
 """Attribute (and submodule field) of an MTP layer that holds its transformer layer."""
+
+RECOMPUTE_MODULES = ("core_attn", "layernorm", "mlp")
+"""``recompute_modules`` of selective recompute that apply to this project's dense layers and that
+every supported release accepts (``tests/unit/test_mcore_compat.py`` checks)."""
+
+
+
+def _norm_checkpoint_calls_te() -> bool:
+    """Megatron-Core 0.16's ``CheckpointWithoutOutput()`` (the norms' recompute) sets ``fp8 =
+    (fp8 is not None)``, true for its default ``False``, and then calls Transformer Engine's
+    ``FP8GlobalStateManager``: a ``NameError`` without TE. Found by that flag, not the version."""
+    from megatron.core.tensor_parallel.random import CheckpointWithoutOutput
+
+    return bool(CheckpointWithoutOutput().fp8)
+
+
+RECOMPUTE_NEEDS_TE = ("layernorm",) if _norm_checkpoint_calls_te() else ()
+"""Modules whose selective recompute needs Transformer Engine on this release."""
 
 CANONICAL_MTP_INNER_LAYER = "transformer_layer"
 """The name checkpoints use for it, whatever the release (0.16's)."""

@@ -137,4 +137,11 @@ def enable_cpu_support() -> None:
     mp_random._CUDA_RNG_STATE_TRACKER_INITIALIZED = True
     mp_random.initialize_rng_tracker = lambda *args, **kwargs: None
     torch.cuda.manual_seed = lambda seed: None
+    # Activation recompute (tensor_parallel.checkpoint, CheckpointWithoutOutput) saves and
+    # restores the CUDA generator's state beside the CPU one and the tracker's; reading it asserts
+    # without CUDA. On CPU every stream dropout draws from is the CPU generator or a tracker
+    # state, which those functions already save, so the CUDA part is nothing.
+    mp_random._get_cuda_rng_state = lambda *args, **kwargs: None
+    mp_random._set_cuda_rng_state = lambda *args, **kwargs: None
+
     logger.debug("Megatron-Core CPU support enabled")

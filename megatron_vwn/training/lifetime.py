@@ -75,8 +75,8 @@ def exit_now(code: int) -> None:
 class StopDeadline:
     """Ends the process ``deadline_s`` after the first stop signal unless it ended by itself,
     with status 128 + the signal's number (143 for SIGTERM) and one line from ``report(code,
-    message)``; ``describe()`` completes the line (e.g. with the latest checkpoint). Installed from the
-    main thread; the signal handlers themselves stay those of :class:`StopSignals`.
+    message)``; ``describe()`` completes the line (e.g. with the latest checkpoint). Installed
+    from the main thread; the signal handlers themselves stay those of :class:`StopSignals`.
     """
 
     def __init__(self, deadline_s: float, report: Callable[[int, str], None],

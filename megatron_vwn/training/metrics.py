@@ -1,4 +1,4 @@
-"""``metrics.jsonl``, the progress line and wandb: everything a run reports, from one rank.
+"""``metrics.jsonl``, the progress line, wandb and TensorBoard: all a run reports, from one rank.
 
 ``metrics.jsonl`` is a contract: one JSON object per logged iteration with at least
 ``iteration``, ``split`` ("train" or "valid"), ``consumed_tokens``, ``lm_loss``, and for training
@@ -33,7 +33,8 @@ def _clock(seconds: float) -> str:
 
 
 class MetricsWriter:
-    """Appends rows to ``run_dir/metrics.jsonl`` and mirrors them to wandb (when enabled).
+    """Appends rows to ``run_dir/metrics.jsonl`` and mirrors them to wandb and TensorBoard (when
+    enabled).
 
     Only the reporting rank constructs one with ``enabled=True``; other ranks get a no-op writer.
     """
@@ -47,17 +48,23 @@ class MetricsWriter:
         wandb_project: str = "megatron-vwn",
         run_name: str | None = None,
         config: dict | None = None,
+        tensorboard: bool = False,
     ):
         self.enabled = enabled
         self.total_iters = total_iters
         self.start_time = time.monotonic()
         self.path = run_dir / "metrics.jsonl"
         self._wandb = None
+        self._tensorboard = None
         if not enabled:
             return
         self._file = open(self.path, "a", buffering=1)
         if wandb_mode != "off":
             self._wandb = _init_wandb(run_dir, wandb_mode, wandb_project, run_name, config)
+        if tensorboard:
+            from megatron_vwn.training.tensorboard import TensorBoardWriter
+
+            self._tensorboard = TensorBoardWriter(run_dir)
 
     def log_train(self, row: dict[str, Any], start_iteration: int) -> None:
         """Write a training row and print the progress line."""
@@ -102,6 +109,8 @@ class MetricsWriter:
                 {f"{prefix}/{k}": v for k, v in row.items() if k not in ("split", "iteration")},
                 step=row["iteration"],
             )
+        if self._tensorboard is not None:
+            self._tensorboard.write(row)
 
     def close(self) -> None:
         if not self.enabled:
@@ -109,6 +118,8 @@ class MetricsWriter:
         self._file.close()
         if self._wandb is not None:
             self._wandb.finish()
+        if self._tensorboard is not None:
+            self._tensorboard.close()
 
 
 def _init_wandb(run_dir: Path, mode: str, project: str, name: str | None, config: dict):

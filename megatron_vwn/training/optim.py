@@ -1,4 +1,5 @@
-"""Megatron-Core optimizer (AdamW, optionally distributed) and the warmup + cosine schedule."""
+"""Megatron-Core optimizer (AdamW, optionally distributed); the LR schedule is in
+:mod:`megatron_vwn.training.schedule`."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from megatron.core.optimizer import (
     get_standard_config_overrides,
 )
 from megatron.core.optimizer.optimizer_config import ParamKey
-from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler, ParamGroupOverride
+from megatron.core.optimizer_param_scheduler import ParamGroupOverride
 
 from megatron_vwn.config.schema import Config
 from megatron_vwn.parallel.cpu import cpu_mode
@@ -45,21 +46,3 @@ def build_optimizer(cfg: Config, model_chunks: list, bf16: bool) -> MegatronOpti
     overrides[ParamKey(attr="no_weight_decay")] = ParamGroupOverride(wd_mult=0.0)
     return get_megatron_optimizer(config, model_chunks, config_overrides=overrides)
 
-
-def build_scheduler(cfg: Config, optimizer: MegatronOptimizer) -> OptimizerParamScheduler:
-    """Linear warmup from 0 to ``train.lr``, cosine decay to ``train.min_lr``; one step per
-    iteration."""
-    train = cfg.train
-    return OptimizerParamScheduler(
-        optimizer,
-        init_lr=0.0,
-        max_lr=train.lr,
-        min_lr=train.min_lr,
-        lr_warmup_steps=train.warmup_iters,
-        lr_decay_steps=max(train.decay_iters, train.warmup_iters + 1),
-        lr_decay_style="cosine",
-        start_wd=train.weight_decay,
-        end_wd=train.weight_decay,
-        wd_incr_steps=train.iters,
-        wd_incr_style="constant",
-    )

@@ -34,8 +34,8 @@ from megatron_vwn.model.accounting import flops_per_token, format_summary
 from megatron_vwn.model.builder import build_model, padded_vocab_size
 from megatron_vwn.parallel.distributed import initialize_distributed
 from megatron_vwn.parallel.pipeline import tensor_shape_adjuster
-from megatron_vwn.training.evaluation import HeldOut, valid_samples_needed
 from megatron_vwn.parallel.watchdog import default_timeout_s
+from megatron_vwn.training.evaluation import HeldOut, valid_samples_needed
 from megatron_vwn.training.faults import (
     NanPolicy,
     RunGuard,
@@ -44,9 +44,10 @@ from megatron_vwn.training.faults import (
     report_fault,
 )
 from megatron_vwn.training.lifetime import STOP_GRACE_S, StopDeadline, tie_forked_children
-from megatron_vwn.training.run_lease import RunLease, check_run_dir_free
 from megatron_vwn.training.metrics import MetricsWriter
-from megatron_vwn.training.optim import build_optimizer, build_scheduler, use_distributed_optimizer
+from megatron_vwn.training.optim import build_optimizer, use_distributed_optimizer
+from megatron_vwn.training.run_lease import RunLease, check_run_dir_free
+from megatron_vwn.training.schedule import build_scheduler
 from megatron_vwn.training.signals import StopSignals
 from megatron_vwn.training.step import ForwardStep, Schedule, StepResult, train_step
 
@@ -109,7 +110,7 @@ class Trainer:
         self.layout = Layout.of(cfg, dist.world_size)
         self.run_dir = Path(cfg.run.dir)
         self.prepared = prepare_data(cfg.data)
-        self.tokenizer = load_tokenizer(self.prepared.tokenizer_model)
+        self.tokenizer = load_tokenizer(self.prepared.tokenizer_model, cfg.data.eod_token)
         self.vocab_size = resolve_vocab_size(cfg, self.tokenizer.vocab_size)
         self.checkpoints = CheckpointManager(cfg, self.run_dir, self.vocab_size)
         self.signals = StopSignals()
@@ -131,7 +132,7 @@ class Trainer:
         self.optimizer = build_optimizer(cfg, self.model, bf16=config.bf16)
         guard_optimizer(self.optimizer)  # a non-finite gradient norm never updates the weights
         self.nan_policy = NanPolicy.of(cfg.train, cfg.debug)
-        self.scheduler = build_scheduler(cfg, self.optimizer)
+        self.scheduler = build_scheduler(cfg.train, self.optimizer)
         config.grad_scale_func = self.optimizer.scale_loss
 
         self.schedule = Schedule(
@@ -161,6 +162,7 @@ class Trainer:
             wandb_project=cfg.logging.wandb_project,
             run_name=cfg.run.name,
             config=to_dict(cfg),
+            tensorboard=cfg.logging.tensorboard == "on",
         )
 
     def _prepare_run_dir(self) -> None:

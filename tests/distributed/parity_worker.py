@@ -4,10 +4,12 @@ Gradients are stored under global parameter names as full (TP-gathered) tensors,
 TP/PP/VPP/DP layout can be compared element by element with the single-process run.
 
     python tests/distributed/parity_worker.py OUT_DIR key=value ...
+    python tests/distributed/parity_worker.py --batch SPEC.json
 """
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -43,10 +45,9 @@ def gather_grads(model_chunks: list) -> dict[str, torch.Tensor]:
     return grads
 
 
-def main() -> None:
-    out_dir = Path(sys.argv[1])
-    cfg = load_config("tiny", sys.argv[2:])
-    dist = resolve_dist_env()
+def run_case(out_dir: Path, argv: list[str], dist) -> None:
+    """Train ``cfg.train.iters`` steps of one config; save this rank's losses and gradients."""
+    cfg = load_config("tiny", argv)
     validate(cfg, dist.world_size)
     trainer = Trainer(cfg, dist)
     losses, mtp_losses, grad_norms, grads = [], [], [], None
@@ -57,10 +58,26 @@ def main() -> None:
         grad_norms.append(float(result.grad_norm))
         if step == 0:
             grads = gather_grads(trainer.model)
+    out_dir.mkdir(parents=True, exist_ok=True)
     torch.save({"losses": losses, "mtp_losses": mtp_losses, "grad_norms": grad_norms,
                 "grads": grads},
                out_dir / f"rank{dist.rank}.pt")
     trainer.close()
+
+
+def main() -> None:
+    """One config (``OUT_DIR key=value ...``), or a batch (``--batch SPEC.json``: ``{"base":
+    [...], "cases": {name: [...]}}``, written to ``OUT_DIR/name``) in one process group: the
+    model-parallel groups and seeds are rebuilt per case, so each case runs as if alone."""
+    dist = resolve_dist_env()
+    if sys.argv[1] == "--batch":
+        spec = json.loads(Path(sys.argv[2]).read_text())
+        for name, overrides in spec["cases"].items():
+            run_case(Path(spec["out"]) / name, [*spec["base"], *overrides,
+                                                f"run.dir={spec['out']}/{name}/run"], dist)
+            parallel_state.destroy_model_parallel()
+    else:
+        run_case(Path(sys.argv[1]), sys.argv[2:], dist)
     destroy_distributed()
 
 

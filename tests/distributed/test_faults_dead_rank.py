@@ -49,7 +49,8 @@ def test_killed_rank_ends_the_job_naming_it_and_the_checkpoint_stays(tmp_path, d
         stdout, stderr = proc.communicate(timeout=ENDS_WITHIN_S)
         assert time.monotonic() - killed_at < ENDS_WITHIN_S
         # Nothing of the job outlives it: no rank, no checkpoint writer it forked.
-        left = survivors(str(run), within_s=max(0.0, ENDS_WITHIN_S - (time.monotonic() - killed_at)))
+        remaining = max(0.0, ENDS_WITHIN_S - (time.monotonic() - killed_at))
+        left = survivors(str(run), within_s=remaining)
         assert left == [], left
     finally:
         if proc.poll() is None:

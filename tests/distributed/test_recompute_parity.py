@@ -4,10 +4,13 @@ gathered input under SP)."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
-from tests.distributed.test_parity import LAYOUTS, _run
+from tests.distributed.launcher import run_ranks
+from tests.distributed.test_parity import BASE, LAYOUTS, WORKER, _run
 
 VWN = ["model.vwn.m=2", "model.vwn.n=4"]
 
@@ -30,4 +33,88 @@ def test_ghc_recompute_matches_the_default_mode(layout, reference, tmp_path, dat
     for name, ref in ref_grads.items():
         scale = ref.abs().max().item()
         torch.testing.assert_close(grads[name], ref, rtol=1e-4, atol=1e-5 * scale,
+                                   msg=lambda m, n=name: f"{n}: {m}")
+
+
+# ---------------------------------------------------------------- train.recompute (Megatron-Core)
+# Activation recompute changes what is kept for backward, not what is computed: a recomputed
+# forward runs the same operations on the same inputs with the same RNG states (dropout masks
+# included), so losses and gradients equal the run without recompute at the same layout. Every
+# case of a world size runs in one launch (parity_worker.py --batch); each model's reference is
+# the same model without recompute in that launch.
+MODELS = {
+    "backbone": [],
+    "vwn8x": ["model.vwn.m=8", "model.vwn.n=64"],
+    "mhc4": ["model.vwn.connection=mhc", "model.vwn.n=4"],
+    "altup2": ["model.vwn.connection=altup", "model.vwn.n=2", "model.vwn.dynamic=false"],
+    "dropout": ["model.hidden_dropout=0.1", "model.attention_dropout=0.1"],
+    # MTP heads are recomputed by Megatron-Core's MTP block (uniform, one layer per unit)
+    "vwn_mtp1": ["model.vwn.m=2", "model.vwn.n=4", "model.mtp.num_layers=1",
+                 "model.mtp.loss_weight=0.3"],
+}
+MODES = {
+    "selective": ["train.recompute=selective", "train.recompute_modules=[core_attn,mlp]"],
+    "full_uniform": ["train.recompute=full"],
+    "full_block": ["train.recompute=full", "train.recompute_method=block",
+                   "train.recompute_num_layers=1"],  # 1 of the 2 layers of a PP=2 stage
+}
+PAIRS = {"backbone": list(MODES), "vwn8x": ["selective", "full_uniform"],
+         "mhc4": ["full_uniform"], "altup2": ["full_block"],
+         "dropout": ["selective", "full_uniform"], "vwn_mtp1": ["full_uniform"]}
+RECOMPUTE_LAYOUTS = ["tp2_sp", "pp2"]  # both world size 2: one launch each
+CASES = [(layout, model, mode) for layout in RECOMPUTE_LAYOUTS for model, modes in PAIRS.items()
+         for mode in modes]
+
+
+@pytest.fixture(scope="module")
+def recompute_runs(tmp_path_factory, data_cache):
+    """``runs(layout)``: {case name: (losses, grad norms, grads)} of one batched launch."""
+    results = {}
+
+    def get(layout: str):
+        if layout not in results:
+            nproc, overrides = LAYOUTS[layout]
+            root = tmp_path_factory.mktemp(f"recompute-{layout}")
+            cases = {model: MODELS[model] for model in PAIRS}
+            cases.update({f"{model}-{mode}": [*MODELS[model], *MODES[mode]]
+                          for model, modes in PAIRS.items() for mode in modes})
+            spec = {"out": str(root / "out"), "cases": cases,
+                    "base": [*BASE, "train.iters=2", f"data.cache_dir={data_cache}", *overrides]}
+            (root / "spec.json").write_text(json.dumps(spec))
+            run_ranks(nproc, [WORKER, "--batch", str(root / "spec.json")], log_dir=root)
+            results[layout] = {name: _load(root / "out" / name, nproc) for name in cases}
+        return results[layout]
+
+    return get
+
+
+def _load(out, nproc):
+    ranks = [torch.load(out / f"rank{r}.pt") for r in range(nproc)]
+    grads = {name: g for rank in ranks for name, g in rank["grads"].items()}
+    return ranks[0]["losses"], ranks[0]["grad_norms"], grads
+
+
+# What may differ: autograd can accumulate the gradient of a tensor used at several places (a
+# wide state read by several connections, a weight shared by micro-batches) in another order
+# when the forward is replayed inside backward. Each such sum has at most K = 64 contributions
+# here (4 layers x 2 sublayers x up to 8 reads or micro-batches), so it moves by at most K * u
+# (u = 2**-24, fp32 unit roundoff) times the largest magnitude involved; the tensor's largest
+# gradient (for gradients) or the value itself (losses, norms) stands for it.
+RECOMPUTE_RTOL = 64 * 2.0**-24
+
+
+@pytest.mark.parametrize("layout, model, mode", CASES)
+def test_activation_recompute_changes_no_gradient(layout, model, mode, recompute_runs):
+    runs = recompute_runs(layout)
+    ref_losses, ref_norms, ref_grads = runs[model]
+    losses, norms, grads = runs[f"{model}-{mode}"]
+    assert grads.keys() == ref_grads.keys()
+    assert losses[0] == ref_losses[0]  # the first forward is the same computation
+    torch.testing.assert_close(torch.tensor(losses), torch.tensor(ref_losses),
+                               rtol=RECOMPUTE_RTOL, atol=0)
+    torch.testing.assert_close(torch.tensor(norms), torch.tensor(ref_norms),
+                               rtol=RECOMPUTE_RTOL, atol=0)
+    for name, ref in ref_grads.items():
+        torch.testing.assert_close(grads[name], ref, rtol=0,
+                                   atol=RECOMPUTE_RTOL * ref.abs().max().item(),
                                    msg=lambda m, n=name: f"{n}: {m}")

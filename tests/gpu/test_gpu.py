@@ -10,6 +10,7 @@ variants.
 from __future__ import annotations
 
 import importlib.util
+import math
 
 import pytest
 import torch
@@ -117,3 +118,18 @@ def test_transformer_engine_loss_matches_the_local_spec(single_process):
     local, _ = _loss(["train.precision=bf16", "model.transformer_impl=local"])
     te, _ = _loss(["train.precision=bf16", "model.transformer_impl=transformer_engine"])
     assert abs(te - local) < 0.02 * local and abs(local - math.log(512)) < 0.05 * local
+
+
+@pytest.mark.skipif(importlib.util.find_spec("transformer_engine") is None
+                    or not torch.cuda.is_available()
+                    or torch.cuda.get_device_capability() < (8, 9),
+                    reason="FP8 needs Transformer Engine and an Ada/Hopper/Blackwell GPU")
+@pytest.mark.parametrize("recipe", ["delayed", "tensorwise"])
+def test_fp8_loss_is_close_to_bf16(single_process, recipe):
+    """train.precision=fp8 builds and runs through Transformer Engine (docs/scale.md): from the
+    same weights its first loss stays within FP8's error of bf16's (e4m3 keeps 3 mantissa bits,
+    relative error 2**-4 per value, mostly averaging out in the loss)."""
+    te = ["model.transformer_impl=transformer_engine"]
+    bf16, state = _loss(["train.precision=bf16", *te])
+    fp8, _ = _loss(["train.precision=fp8", f"train.fp8_recipe={recipe}", *te], state)
+    assert math.isfinite(fp8) and abs(fp8 - bf16) < 2**-4 * abs(bf16), (fp8, bf16)

@@ -48,9 +48,11 @@ def test_bench_vwn_reports_step_layer_and_memory_rows():
 def test_bench_vwn_json_lines():
     out = _run("bench_vwn.py", "--hidden", "64", "--seq", "16", "--vocab", "64", "--layers", "1",
                "--rounds", "1", "--steps", "1", "--layer-reps", "1", "--json", "--kernel", "torch",
-               "--variants", "backbone", "8x (8,64)", "8x (8,64) recompute=ghc")
+               "--variants", "backbone", "8x (8,64)", "8x (8,64) recompute=ghc",
+               "backbone recompute=full", "8x (8,64) recompute=full")
     rows = [json.loads(line) for line in out.strip().splitlines()]
-    assert [r["variant"] for r in rows] == ["backbone", "8x (8,64)", "8x (8,64) recompute=ghc"]
+    assert [r["variant"] for r in rows] == ["backbone", "8x (8,64)", "8x (8,64) recompute=ghc",
+                                            "backbone recompute=full", "8x (8,64) recompute=full"]
     for r in rows:
         assert {"variant", "m", "n", "hidden", "step_ratio", "layer_ratio",
                 "activation_ratio", "recompute", "kernel"} <= r.keys()
@@ -58,6 +60,10 @@ def test_bench_vwn_json_lines():
     assert (rows[1]["m"], rows[1]["n"], rows[2]["recompute"]) == (8, 64, "ghc")
     assert rows[0]["activation_ratio"] == 1.0
     assert rows[2]["activation_ratio"] < rows[1]["activation_ratio"]
+    # Megatron-Core full recompute keeps only each layer's input: less than without it
+    assert [r["train_recompute"] for r in rows] == ["none"] * 3 + ["full"] * 2
+    assert rows[3]["activation_ratio"] < 1.0
+    assert rows[4]["activation_ratio"] < rows[1]["activation_ratio"]
 
 
 def test_bench_step_prints_one_json_ratio():

@@ -325,24 +325,41 @@ def _bundled_tokenizer(data_cache: str) -> str:
     return prepare_data(DataConfig(cache_dir=data_cache, split="90,10,0")).tokenizer_model
 
 
-def test_from_hf_refuses_a_folder_without_a_sentencepiece_tokenizer(tmp_path, capsys):
-    """A Llama 3 style folder (tokenizer.json only) or one without any tokenizer is refused in
-    one line before anything is built, unless data.tokenizer_model names one."""
+def test_from_hf_uses_a_tokenizer_json_folder_and_refuses_one_without_a_tokenizer(
+        world, tmp_path, capsys):
+    """A Llama 3 style folder (tokenizer.json and tokenizer_config.json, no tokenizer.model)
+    imports with that tokenizer, its eos the end-of-document token; a folder without a usable
+    tokenizer is refused in one line before anything is written."""
     from megatron_vwn.cli import main
+    from megatron_vwn.config.loader import load_config
+    from megatron_vwn.data.tokenizer import load_tokenizer
+    from tests.unit.test_hf_tokenizer import train_byte_level_bpe
 
     hf = tmp_path / "llama"
-    hf.mkdir()
-    (hf / "config.json").write_text(json.dumps({
-        "model_type": "llama", "vocab_size": 128, "hidden_size": 32, "intermediate_size": 64,
-        "num_hidden_layers": 1, "num_attention_heads": 4, "num_key_value_heads": 2}))
-    for found in ("no tokenizer file", "a tokenizer.json"):
-        if found == "a tokenizer.json":
-            (hf / "tokenizer.json").write_text("{}")
+    _random_llama(hf, tie=False, vocab=512)
+    for content, found in ((None, "has no tokenizer file (no tokenizer.model, no tokenizer.json)"),
+                           ("{}", "holds no Hugging Face tokenizer.json")):
+        if content is not None:
+            (hf / "tokenizer.json").write_text(content)
+        capsys.readouterr()
         assert main(["convert", "from-hf", str(hf), str(tmp_path / "out")]) == 2
-        (line,) = capsys.readouterr().err.strip().splitlines()
-        assert line.startswith(f"megatron-vwn: error: {hf} has {found}"), line
-        assert "and no tokenizer.model: give data.tokenizer_model=PATH" in line, line
+        (line,) = [ln for ln in capsys.readouterr().err.splitlines() if "error" in ln.lower()]
+        assert line.startswith("megatron-vwn: error: ") and found in line, line
         assert not (tmp_path / "out").exists()
+
+    train_byte_level_bpe(hf, special=("<|begin_of_text|>", "<|end_of_text|>"))
+    (hf / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|end_of_text|>"}))
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    try:
+        assert main(["convert", "from-hf", str(hf), str(tmp_path / "out")]) == 0
+    finally:  # the CLI points logging at the captured stdout: put pytest's handlers back
+        root.handlers[:] = handlers
+        root.setLevel(level)
+    (config,) = (tmp_path / "out").rglob("config.yaml")
+    cfg = load_config(str(config))
+    assert cfg.data.tokenizer_model == str(hf.resolve())
+    assert load_tokenizer(cfg.data.tokenizer_model).eod == 1  # <|end_of_text|>
 
 
 def test_import_into_virtual_width_takes_the_backbone(world, tmp_path, capsys, data_cache):

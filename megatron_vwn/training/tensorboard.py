@@ -1,0 +1,50 @@
+"""TensorBoard events beside wandb (``logging.tensorboard=on``; docs/scale.md).
+
+The rows of ``metrics.jsonl`` become scalars tagged ``SPLIT/KEY`` (``train/lm_loss``,
+``train/lr``, ``valid/mtp_loss_1``, ``analysis/aofe_ratio_agop``, ...) at step ``iteration``:
+the tags wandb gets, so the two loggers show the same curves. Events go to
+``RUN_DIR/tensorboard/`` through ``torch.utils.tensorboard`` (which needs the ``tensorboard``
+package); a resumed run appends a new event file there and TensorBoard merges them.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+from typing import Any
+
+from megatron_vwn.config.errors import ConfigError
+
+SUBDIR = "tensorboard"
+SKIPPED = ("split", "iteration")
+
+
+def check_tensorboard_available() -> None:
+    """Refuse ``logging.tensorboard=on`` in one line when the package is missing."""
+    if importlib.util.find_spec("tensorboard") is None:
+        raise ConfigError("logging.tensorboard=on needs the tensorboard package (pip install "
+                          "'megatron-vwn[tensorboard]'); allowed here: off")
+
+
+def scalars(row: dict[str, Any]) -> dict[str, float]:
+    """The numeric entries of a metrics row, tagged ``SPLIT/KEY`` (booleans as 0/1)."""
+    prefix = row["split"]
+    return {f"{prefix}/{key}": float(value) for key, value in row.items()
+            if key not in SKIPPED and isinstance(value, (int, float))}
+
+
+class TensorBoardWriter:
+    """Mirrors metrics rows to a ``SummaryWriter`` under ``run_dir/tensorboard``."""
+
+    def __init__(self, run_dir: Path):
+        from torch.utils.tensorboard import SummaryWriter
+
+        self._writer = SummaryWriter(log_dir=str(run_dir / SUBDIR))
+
+    def write(self, row: dict[str, Any]) -> None:
+        for tag, value in scalars(row).items():
+            self._writer.add_scalar(tag, value, global_step=row["iteration"])
+
+    def close(self) -> None:
+        self._writer.flush()
+        self._writer.close()
