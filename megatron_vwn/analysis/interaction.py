@@ -1,4 +1,4 @@
-"""The neural-interaction metrics of the depth-width law (METHODS.md section 4), as math.
+"""The neural-interaction metrics of the depth-width law (docs/methods.md §4), as math.
 
 Both metrics measure how much a square matrix ``M`` lives off its diagonal:
 

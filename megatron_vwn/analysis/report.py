@@ -45,7 +45,7 @@ logger = logging.getLogger(__name__)
 
 PAPER = {"speedup_8x": 2.5, "speedup_8x_next2": 3.5, "slope": -0.0069, "intercept": 1.6212,
          "r2": 0.9986}
-"""The paper's headline figures (METHODS.md 1.6): 8x reaches the backbone's loss with 2.5x
+"""The paper's headline figures (docs/methods.md §1.6): 8x reaches the backbone's loss with 2.5x
 fewer tokens (next-2-token loss: 3.5x) at 3T tokens; loss = -0.0069 log2 r + 1.6212 over
 r = 2, 4, 8, R^2 = 0.9986."""
 
@@ -321,7 +321,7 @@ def render_markdown(summary: dict, figures: list[str]) -> str:
     lines += ["", "Token speed-up: tokens the backbone needed to reach its final held-out loss "
               "divided by the tokens this run needed to reach that loss (linear between "
               "evaluations; `-` when not reached).", "", fit_text(summary["fit"]) + "."]
-    lines += ["", f"Paper (METHODS.md 1.6, 3T tokens): 8x needs {PAPER['speedup_8x']}x fewer "
+    lines += ["", f"Paper (docs/methods.md §1.6, 3T tokens): 8x needs {PAPER['speedup_8x']}x fewer "
               f"tokens ({PAPER['speedup_8x_next2']}x for the next-2-token loss); "
               f"loss = {PAPER['slope']} log2 r + {PAPER['intercept']}, R^2 = {PAPER['r2']}.", ""]
     for name in figures:

@@ -1,6 +1,6 @@
 """Fixed-budget shape planning: for each depth the widest model that fits a parameter budget.
 
-The depth-width study (METHODS.md section 4) compares shapes at one parameter count. For every
+The depth-width study (docs/methods.md §4) compares shapes at one parameter count. For every
 depth ``L`` the planner binary-searches the hidden size ``D`` on the project's own parameter
 accounting (:mod:`megatron_vwn.model.accounting`), so what it counts is what the builder builds.
 

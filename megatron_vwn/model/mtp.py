@@ -5,7 +5,7 @@ Backbone (``r = 1``): Megatron-Core's ``MultiTokenPredictionLayer`` unchanged (e
 the local spec. ``GPTModel`` computes each depth's loss and injects its gradient through
 ``MTPLossAutoScaler``.
 
-Virtual width (METHODS.md 1.5, VWN Sec. 3.4): :class:`VWNMultiTokenPredictionLayer` keeps
+Virtual width (docs/methods.md §1.5, VWN Sec. 3.4): :class:`VWNMultiTokenPredictionLayer` keeps
 Megatron's layer (shifted-token embedding, the causal chain across depths, recompute and the
 loss plumbing in ``GPTModel``) and changes what is wide:
 

@@ -43,7 +43,7 @@ def _run(tmp_path, data_cache, nproc, overrides):
     return ranks[0]["losses"], ranks[0]["mtp_losses"], ranks[0]["grad_norms"], grads
 
 
-# Virtual width at 1.5x, 2x and 8x (METHODS.md 1): every GHC, embedding and reduce gradient is
+# Virtual width at 1.5x, 2x and 8x (docs/methods.md §1): every GHC, embedding and reduce gradient is
 # compared too. D = 64 keeps (8, 64) at d_b = 8, D' = 512.
 VWN = {
     "vwn_2_3": ["model.vwn.m=2", "model.vwn.n=3"],
@@ -51,7 +51,7 @@ VWN = {
     "vwn_8_64": ["model.vwn.m=8", "model.vwn.n=64"],
 }
 VWN_LAYOUTS = ["tp2_sp", "pp2", "pp2_vpp2", "tp2_pp2"]
-# Multi-token prediction (METHODS.md 1.5): K = 1, 2 on the backbone and at r = 4; the per-depth
+# Multi-token prediction (docs/methods.md §1.5): K = 1, 2 on the backbone and at r = 4; the per-depth
 # losses are compared as well as lm_loss and every gradient (MTP heads included).
 MTP = {
     f"{name}_mtp{k}": [*vwn, f"model.mtp.num_layers={k}", "model.mtp.loss_weight=0.3"]

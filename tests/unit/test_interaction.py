@@ -1,4 +1,4 @@
-"""The neural-interaction metrics against their definitions (METHODS.md section 4).
+"""The neural-interaction metrics against their definitions (docs/methods.md §4).
 
 The AGOP the schedule-driven backward passes produce equals ``E_x[J_P J_P^T]`` from a brute-force
 Jacobian of the last position's projected logits w.r.t. the token-table output, on a tiny model

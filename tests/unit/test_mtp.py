@@ -1,5 +1,5 @@
 """Multi-token prediction: Megatron-Core's MTP for the backbone, the VWN-aware heads, targets
-t+1+k and the loss mask (METHODS.md 1.5)."""
+t+1+k and the loss mask (docs/methods.md §1.5)."""
 
 from __future__ import annotations
 

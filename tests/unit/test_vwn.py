@@ -1,4 +1,4 @@
-"""Virtual Width Networks against their defining equations (METHODS.md sections 1-2)."""
+"""Virtual Width Networks against their defining equations (docs/methods.md §1-2)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Alternating updates (AltUp, arXiv 2301.13310; METHODS.md 3): the paper's static variant and
+"""Alternating updates (AltUp, arXiv 2301.13310; docs/methods.md §3): the paper's static variant and
 Gemma 3n's dynamic one.
 
 Pure math, no parallelism. ``K`` blocks of width ``D``: the wide state ``H`` is ``[s, b, K*D]``

@@ -2,7 +2,7 @@
 
 Pure math, no parallelism. The wide residual state ``H`` is ``[s, b, D']`` viewed as
 ``[s, b, n, d_b]`` (``n`` segments of width ``d_b = D / m``). Around one sublayer ``T``
-(METHODS.md 1.2, VWN Eqs. 5-12):
+(docs/methods.md §1.2, VWN Eqs. 5-12):
 
     X  = Å^T H          read:  [n, d_b] -> [m, d_b], flattened to the backbone's x in R^D
     Z  = T(X)           the sublayer (its own pre-norm, no residual add), [m, d_b]

@@ -1,4 +1,4 @@
-"""Manifold-constrained hyper-connections (mHC; DeepSeek, arXiv 2512.24880; METHODS.md 2.1).
+"""Manifold-constrained hyper-connections (mHC; DeepSeek, arXiv 2512.24880; docs/methods.md §2.1).
 
 Pure math, no parallelism. ``n`` streams of width ``D``: the wide state ``H`` is ``[s, b, n*D]``
 viewed as ``x_l``: ``[T, n, D]``. Around one sublayer ``F`` (its own pre-norm, no residual add):
