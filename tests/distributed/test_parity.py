@@ -3,9 +3,16 @@
 The same seed, data and config under TP=2+SP, PP=2, PP=2 x VPP=2, TP2xPP2 and DP=2 (plain and
 distributed optimizer) give the first iterations' losses within 1e-5 relative, and the same
 gradients after one step.
+
+Every model of one layout runs in one launch (``parity_worker.py --batch``: the model-parallel
+groups and seeds are rebuilt per model, so each runs as if alone), and the single-process
+references in one more: seven launches for the whole matrix instead of one per case, of which
+process start-up and imports were most of the time. Only the cases pytest selected are run.
 """
 
 from __future__ import annotations
+
+import json
 
 import pytest
 import torch
@@ -88,26 +95,54 @@ CASES = [("backbone", layout) for layout in LAYOUTS] + [
 ] + [(model, layout) for model in FAMILY_MTP for layout in MTP_LAYOUTS]
 
 
-@pytest.fixture(scope="module")
-def references(tmp_path_factory, data_cache):
-    """Single-process runs, one per model variant, computed on first use."""
-    cache = {}
+SINGLE = "single"  # the references' "layout": one process
 
-    def get(model: str):
-        if model not in cache:
-            cache[model] = _run(tmp_path_factory.mktemp(f"ref-{model}"), data_cache, 1,
-                                MODELS.get(model, []))
-        return cache[model]
+
+def _selected_cases(session) -> list[tuple[str, str]]:
+    """The (model, layout) cases of this module that pytest will run (``-k`` respected)."""
+    return [tuple(item.callspec.params[k] for k in ("model", "layout"))
+            for item in session.items
+            if item.originalname == "test_layout_matches_single_process"]
+
+
+@pytest.fixture(scope="module")
+def batches(request, tmp_path_factory, data_cache):
+    """``get(layout)``: {model: (losses, mtp losses, grad norms, grads)} of one launch that runs
+    every selected model at that layout (``SINGLE``: every selected case's reference)."""
+    results = {}
+
+    def get(layout: str) -> dict:
+        if layout not in results:
+            cases = _selected_cases(request.session)
+            if layout == SINGLE:
+                nproc, overrides = 1, []
+                models = sorted({model for model, _ in cases})
+            else:
+                nproc, overrides = LAYOUTS[layout]
+                models = [model for model, lay in cases if lay == layout]
+            root = tmp_path_factory.mktemp(f"parity-{layout}")
+            spec = {"out": str(root / "out"),
+                    "base": [*BASE, f"data.cache_dir={data_cache}", *overrides],
+                    "cases": {model: MODELS.get(model, []) for model in models}}
+            (root / "spec.json").write_text(json.dumps(spec))
+            run_ranks(nproc, [WORKER, "--batch", str(root / "spec.json")], log_dir=root,
+                      timeout=300 + 120 * len(models))
+            results[layout] = {model: _load(root / "out" / model, nproc) for model in models}
+        return results[layout]
 
     return get
 
 
+def _load(out, nproc):
+    ranks = [torch.load(out / f"rank{r}.pt") for r in range(nproc)]
+    grads = {name: g for rank in ranks for name, g in rank["grads"].items()}
+    return ranks[0]["losses"], ranks[0]["mtp_losses"], ranks[0]["grad_norms"], grads
+
+
 @pytest.mark.parametrize("model,layout", CASES, ids=[f"{m}-{lay}" for m, lay in CASES])
-def test_layout_matches_single_process(model, layout, references, tmp_path, data_cache):
-    nproc, overrides = LAYOUTS[layout]
-    ref_losses, ref_mtp, ref_norms, ref_grads = references(model)
-    losses, mtp, norms, grads = _run(tmp_path, data_cache, nproc,
-                                     [*MODELS.get(model, []), *overrides])
+def test_layout_matches_single_process(model, layout, batches):
+    ref_losses, ref_mtp, ref_norms, ref_grads = batches(SINGLE)[model]
+    losses, mtp, norms, grads = batches(layout)[model]
 
     assert ref_losses[0] > 1.0  # a real cross entropy, not a masked-out zero
     assert ref_losses[-1] < ref_losses[0]  # the steps did something
