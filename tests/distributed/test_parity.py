@@ -58,8 +58,8 @@ VWN = {
     "vwn_8_64": ["model.vwn.m=8", "model.vwn.n=64"],
 }
 VWN_LAYOUTS = ["tp2_sp", "pp2", "pp2_vpp2", "tp2_pp2"]
-# Multi-token prediction (docs/methods.md §1.5): K = 1, 2 on the backbone and at r = 4; the per-depth
-# losses are compared as well as lm_loss and every gradient (MTP heads included).
+# Multi-token prediction (docs/methods.md §1.5): K = 1, 2 on the backbone and at r = 4; the
+# per-depth losses are compared as well as lm_loss and every gradient (MTP heads included).
 MTP = {
     f"{name}_mtp{k}": [*vwn, f"model.mtp.num_layers={k}", "model.mtp.loss_weight=0.3"]
     for name, vwn in (("backbone", []), ("vwn_2_8", ["model.vwn.m=2", "model.vwn.n=8"]))
