@@ -20,7 +20,6 @@ import tempfile
 import time
 
 from megatron_vwn.data.hf_tokenizer import is_hf_tokenizer
-
 from megatron_vwn.data.preprocess import preprocess_files
 
 

@@ -96,9 +96,9 @@ def test_hugging_face_tokenizer_trains_and_exports(tmp_path, data_cache):
     """A byte-level BPE tokenizer.json directory (trained here with `tokenizers`) as
     data.tokenizer_model: the bundled corpus is encoded with it, training pads its vocabulary,
     and `convert hf --verify` carries it so AutoTokenizer gives the ids training saw."""
-    from megatron_vwn.data.hf_tokenizer import HFTokenizer
     from transformers import AutoTokenizer
 
+    from megatron_vwn.data.hf_tokenizer import HFTokenizer
     from tests.unit.test_hf_tokenizer import TEXTS, train_byte_level_bpe
 
     tokenizer_dir = tmp_path / "tok"

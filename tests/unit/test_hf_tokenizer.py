@@ -9,8 +9,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from megatron_vwn.data.hf_tokenizer import DEFAULT_EOD, HFTokenizer
 
+from megatron_vwn.data.hf_tokenizer import DEFAULT_EOD, HFTokenizer
 from megatron_vwn.data.preprocess import write_indexed_dataset
 from megatron_vwn.data.tokenizer import load_tokenizer, open_tokenizer
 
