@@ -7,9 +7,9 @@ the same config and overrides, so the same backbone, data, seed and token budget
 run's config, validates it for the site's world size and checks that nothing else differs.
 
 Widths map to VWN's fraction rate ``m`` and expansion ``n`` as in the paper's sweep
-(docs/methods.md §1): 1 is the backbone (``m = n = 1``), integer ``r > 1`` is ``m = 8, n = 8r`` (2x, 4x,
-8x: ``n`` = 16, 32, 64) and a fraction takes the smallest ``m`` that makes ``n = m r`` whole
-(1.5x: ``m = 2, n = 3``).
+(docs/methods.md §1): 1 is the backbone (``m = n = 1``), integer ``r > 1`` is ``m = 8,
+n = 8r`` (2x, 4x, 8x: ``n`` = 16, 32, 64) and a fraction takes the smallest ``m`` that makes
+``n = m r`` whole (1.5x: ``m = 2, n = 3``).
 
 A config whose ``model.vwn.connection`` is ``mhc`` or ``altup`` sweeps that family member
 instead (docs/width_family.md): width ``r`` (a whole number) is ``m = 1, n = r`` streams or
