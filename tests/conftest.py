@@ -11,6 +11,24 @@ os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
+# The fast tier, `pytest -m "not slow"` (README: before every commit, a few minutes on 2 cores):
+# the unit tests, one parallel layout (TP=2 + SP) for the backbone and each width member with
+# its single-process reference, and one Hugging Face export. Everything else under
+# tests/distributed and tests/integration is marked slow and runs in CI's full tier.
+FAST_TIER = {
+    *(f"tests/distributed/test_parity.py::test_layout_matches_single_process[{model}-tp2_sp]"
+      for model in ("backbone", "vwn_8_64", "mhc4", "altup2", "backbone_mtp1")),
+    "tests/integration/test_convert_hf.py::test_every_connection_exports_exactly[static-1.5x]",
+}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if item.nodeid.startswith(("tests/distributed/", "tests/integration/")) \
+                and item.nodeid not in FAST_TIER:
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture(scope="session")
 def data_cache(tmp_path_factory) -> str:
     """A data cache directory with the bundled corpus prepared."""
