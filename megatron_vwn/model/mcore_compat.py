@@ -19,6 +19,14 @@ number, so a release in between or after works where its API does:
   0.19): ``VWNTransformerLayer`` calls them with the keywords of :data:`LAYER_FORWARD_KEYWORDS`,
   which both releases accept; ``tests/unit/test_mcore_compat.py`` checks the signatures so an
   upstream change fails there, not deep inside a training step.
+* MoE routing without Transformer Engine: 0.16.1's ``moe_utils`` imports ``te_general_gemm``
+  only with TE and then tests ``te_general_gemm is not None`` in the router's GEMM, so any MoE
+  forward without TE (CPU, or a GPU without it) fails with ``NameError``. Defining the name as
+  None (what TE's absence means there) selects its plain ``torch.mm`` path; releases that define
+  it themselves are left alone.
+* MoE aux-loss logging: the routers add each layer's load-balancing and z-loss into a global
+  tracker (``moe_utils.get_moe_layer_wise_logging_tracker``) that Megatron-LM's training loop
+  reads and clears; :func:`moe_aux_losses` and :func:`clear_moe_aux_losses` do that for ours.
 """
 
 from __future__ import annotations
@@ -31,12 +39,37 @@ from pathlib import Path
 from megatron.core import dist_checkpointing
 from megatron.core.dist_checkpointing import serialization
 from megatron.core.models.gpt import GPTModel
+from megatron.core.transformer.moe import moe_utils
 from megatron.core.transformer.multi_token_prediction import MultiTokenPredictionLayerSubmodules
 
 from megatron_vwn.checkpoint.errors import CheckpointError
 
 __all__ = ["GPTModel", "MTP_INNER_LAYER", "LAYER_FORWARD_KEYWORDS", "mtp_layer_submodules",
-           "canonical_checkpoint_keys", "load_common_state_dict"]
+           "canonical_checkpoint_keys", "load_common_state_dict", "moe_aux_losses",
+           "clear_moe_aux_losses"]
+
+if not hasattr(moe_utils, "te_general_gemm"):
+    moe_utils.te_general_gemm = None
+
+
+
+def moe_aux_losses() -> dict:
+    """``{name: per-layer values}`` the routers of this rank logged since the last clear
+    (``load_balancing_loss``, ``seq_load_balancing_loss``, ``z_loss``; each without its
+    coefficient, summed over micro-batches)."""
+    tracker = moe_utils.get_moe_layer_wise_logging_tracker()
+    return {name: entry["values"].detach() for name, entry in tracker.items()}
+
+
+def clear_moe_aux_losses(forget_layers: bool = False) -> None:
+    """Zero the tracked values; ``forget_layers`` also drops the per-name arrays, which the
+    tracker sizes once, on first use, to the layer count of the model then running (so a new
+    model in the same process, with more layers, starts clean)."""
+    if forget_layers:
+        moe_utils.get_moe_layer_wise_logging_tracker().clear()
+    else:
+        moe_utils.clear_aux_losses_tracker()
+
 
 _MTP_FIELDS = {f.name for f in dataclasses.fields(MultiTokenPredictionLayerSubmodules)}
 MTP_INNER_LAYER = "mtp_model_layer" if "mtp_model_layer" in _MTP_FIELDS else "transformer_layer"

@@ -53,13 +53,16 @@ class _CudaToCpu(TorchFunctionMode):
 
 
 class _NoopStream:
-    """Stands in for ``torch.cuda.Stream``/``Event`` (DDP's communication stream, MoE dispatch)."""
+    """Stands in for ``torch.cuda.Stream``/``Event`` (DDP's communication stream, MoE dispatch).
+
+    Every method is a no-op that returns another stand-in, so chained calls such as the MoE
+    dispatcher's ``stream.record_event().synchronize()`` work too."""
 
     def __init__(self, *args, **kwargs):
         pass
 
     def __getattr__(self, name):
-        return lambda *args, **kwargs: None
+        return lambda *args, **kwargs: _NoopStream()
 
 
 class CPURNGStatesTracker:
@@ -137,10 +140,4 @@ def enable_cpu_support() -> None:
     mp_random._CUDA_RNG_STATE_TRACKER_INITIALIZED = True
     mp_random.initialize_rng_tracker = lambda *args, **kwargs: None
     torch.cuda.manual_seed = lambda seed: None
-
-    # MoE routing without Transformer Engine refers to a name only TE defines (0.16.1).
-    from megatron.core.transformer.moe import moe_utils
-
-    if not hasattr(moe_utils, "te_general_gemm"):
-        moe_utils.te_general_gemm = None
     logger.debug("Megatron-Core CPU support enabled")

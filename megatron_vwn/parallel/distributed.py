@@ -17,7 +17,8 @@ from megatron_vwn.parallel.watchdog import default_timeout_s, start_watchdog, st
 
 
 def initialize_distributed(cfg: Config, dist: DistEnv, on_lost=None) -> None:
-    """Create the world (NCCL on GPU, gloo on CPU), then TP/PP/DP groups, then seed RNGs.
+    """Create the world (NCCL on GPU, gloo on CPU), then TP/PP/DP (and expert) groups, then seed
+    RNGs.
 
     Collectives time out after ``parallel.timeout_s``, and every rank starts the watchdog that
     ends the job naming a rank that died or hangs (``parallel/watchdog.py``); ``on_lost``
@@ -43,6 +44,8 @@ def initialize_distributed(cfg: Config, dist: DistEnv, on_lost=None) -> None:
         tensor_model_parallel_size=par.tensor,
         pipeline_model_parallel_size=par.pipeline,
         virtual_pipeline_model_parallel_size=par.virtual_pipeline if par.vpp > 1 else None,
+        expert_model_parallel_size=par.expert,
+        expert_tensor_parallel_size=par.etp,
     )
     set_seed(cfg.train.seed)
 

@@ -37,6 +37,7 @@ from megatron_vwn.parallel.pipeline import tensor_shape_adjuster
 from megatron_vwn.training.evaluation import HeldOut, valid_samples_needed
 from megatron_vwn.training.faults import NanPolicy, RunGuard, guard_optimizer, lost_rank_reporter
 from megatron_vwn.training.metrics import MetricsWriter
+from megatron_vwn.training.moe_metrics import MoEMonitor
 from megatron_vwn.training.optim import build_optimizer, build_scheduler, use_distributed_optimizer
 from megatron_vwn.training.signals import StopSignals
 from megatron_vwn.training.step import ForwardStep, Schedule, StepResult, train_step
@@ -127,6 +128,7 @@ class Trainer:
             forward_step=ForwardStep(cfg.model.mtp.num_layers, self.tokenizer.eod),
             adjust_tensor_shapes_fn=tensor_shape_adjuster(cfg),
         )
+        self.moe_monitor = MoEMonitor(self.model, cfg.model, self.layout.num_microbatches)
         self.flops_per_token = flops_per_token(cfg.model, self.vocab_size)
         logger.info("model: %s", format_summary(cfg.model, self.vocab_size))
         logger.info(
@@ -253,6 +255,7 @@ class Trainer:
                     "tflops_per_s_per_rank":
                         tokens_per_s * self.flops_per_token / self.dist.world_size / 1e12,
                     "skipped": result.skipped,
+                    **self.moe_monitor.collect(steps=len(window)),
                 }, start_iteration=start)
                 window.clear()
             self.nan_policy.check(self.iteration, result.lm_loss, result.skipped,
