@@ -50,13 +50,16 @@ class LoadedModel:
 
 
 def single_process_config(raw: dict | Config, precision: str = "fp32") -> Config:
-    """``raw`` (a saved ``config.yaml`` mapping or a Config) at TP = PP = 1 on the local spec."""
+    """``raw`` (a saved ``config.yaml`` mapping or a Config) at TP = PP = EP = 1 on the local
+    spec."""
     cfg = copy.deepcopy(raw) if isinstance(raw, Config) else from_dict(copy.deepcopy(raw))
     cfg.parallel.tensor = 1
     cfg.parallel.pipeline = 1
     cfg.parallel.virtual_pipeline = None
     cfg.parallel.sequence_parallel = False
     cfg.parallel.distributed_optimizer = False
+    cfg.parallel.expert = 1
+    cfg.parallel.expert_tensor = None
     cfg.model.transformer_impl = "local"
     cfg.model.hidden_dropout = 0.0
     cfg.model.attention_dropout = 0.0

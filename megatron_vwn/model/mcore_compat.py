@@ -24,6 +24,13 @@ number, so a release in between or after works where its API does:
   forward without TE (CPU, or a GPU without it) fails with ``NameError``. Defining the name as
   None (what TE's absence means there) selects its plain ``torch.mm`` path; releases that define
   it themselves are left alone.
+* MoE losses under sequence parallelism: with ``calculate_per_token_loss`` (ours) 0.16.1's
+  router multiplies the load-balancing and z-losses by the token count of the *sequence shard*
+  it routes, where the gradient normalisation divides by the micro-batch's whole token count:
+  under TP > 1 with SP their gradients come out 1/TP of the single-process ones (the parity
+  test sees the router weight's gradient off by half at TP=2). :func:`moe_loss_coeff_factor`
+  gives the factor our coefficients are multiplied by before Megatron-Core sees them; the
+  logged values divide by the same coefficient, so they are unaffected.
 * MoE aux-loss logging: the routers add each layer's load-balancing and z-loss into a global
   tracker (``moe_utils.get_moe_layer_wise_logging_tracker``) that Megatron-LM's training loop
   reads and clears; :func:`moe_aux_losses` and :func:`clear_moe_aux_losses` do that for ours.
@@ -46,11 +53,17 @@ from megatron_vwn.checkpoint.errors import CheckpointError
 
 __all__ = ["GPTModel", "MTP_INNER_LAYER", "LAYER_FORWARD_KEYWORDS", "mtp_layer_submodules",
            "canonical_checkpoint_keys", "load_common_state_dict", "moe_aux_losses",
-           "clear_moe_aux_losses"]
+           "clear_moe_aux_losses", "moe_loss_coeff_factor"]
 
 if not hasattr(moe_utils, "te_general_gemm"):
     moe_utils.te_general_gemm = None
 
+
+
+def moe_loss_coeff_factor(tensor_parallel: int, sequence_parallel: bool) -> int:
+    """What the aux- and z-loss coefficients are multiplied by so their gradients equal the
+    single-process ones (see the module docstring)."""
+    return tensor_parallel if sequence_parallel else 1
 
 
 def moe_aux_losses() -> dict:

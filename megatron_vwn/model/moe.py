@@ -25,6 +25,7 @@ import torch
 from megatron.core import parallel_state
 
 from megatron_vwn.config.schema import Config
+from megatron_vwn.model.mcore_compat import moe_loss_coeff_factor
 
 
 def grouped_gemm_available(impl: str) -> bool:
@@ -50,6 +51,7 @@ def transformer_config_fields(cfg: Config, impl: str) -> dict:
     moe, par = cfg.model.moe, cfg.parallel
     if not moe.enabled:
         return {}
+    factor = moe_loss_coeff_factor(par.tensor, par.sequence_parallel)
     return dict(
         num_moe_experts=moe.num_experts,
         moe_router_topk=moe.top_k,
@@ -61,8 +63,8 @@ def transformer_config_fields(cfg: Config, impl: str) -> dict:
         moe_router_enable_expert_bias=moe.expert_bias,
         moe_router_bias_update_rate=moe.expert_bias_update_rate,
         moe_router_load_balancing_type=moe.aux_loss,
-        moe_aux_loss_coeff=moe.aux_loss_coeff if moe.aux_loss != "none" else 0.0,
-        moe_z_loss_coeff=moe.z_loss_coeff or None,
+        moe_aux_loss_coeff=factor * moe.aux_loss_coeff if moe.aux_loss != "none" else 0.0,
+        moe_z_loss_coeff=factor * moe.z_loss_coeff or None,
         moe_expert_capacity_factor=moe.capacity_factor,
         moe_grouped_gemm=grouped_gemm_available(impl),
         expert_model_parallel_size=par.expert,
