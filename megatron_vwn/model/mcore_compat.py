@@ -32,8 +32,10 @@ number, so a release in between or after works where its API does:
   gives the factor our coefficients are multiplied by before Megatron-Core sees them; the
   logged values divide by the same coefficient, so they are unaffected.
 * MoE aux-loss logging: the routers add each layer's load-balancing and z-loss into a global
-  tracker (``moe_utils.get_moe_layer_wise_logging_tracker``) that Megatron-LM's training loop
-  reads and clears; :func:`moe_aux_losses` and :func:`clear_moe_aux_losses` do that for ours.
+  tracker that Megatron-LM's training loop reads and clears (0.16: a dict,
+  ``moe_utils.get_moe_layer_wise_logging_tracker``; 0.19: ``moe_logging.MoEMetricsTracker``,
+  the dict only a copy); :func:`moe_aux_losses` and :func:`clear_moe_aux_losses` do that for
+  ours on either.
 """
 
 from __future__ import annotations
@@ -66,19 +68,37 @@ def moe_loss_coeff_factor(tensor_parallel: int, sequence_parallel: bool) -> int:
     return tensor_parallel if sequence_parallel else 1
 
 
+def _moe_metrics_tracker():
+    """0.19's tracker object, or None where the routers log into 0.16's dict."""
+    try:
+        from megatron.core.transformer.moe.moe_logging import get_moe_metrics_tracker
+    except ImportError:
+        return None
+    return get_moe_metrics_tracker()
+
+
 def moe_aux_losses() -> dict:
     """``{name: per-layer values}`` the routers of this rank logged since the last clear
     (``load_balancing_loss``, ``seq_load_balancing_loss``, ``z_loss``; each without its
     coefficient, summed over micro-batches)."""
-    tracker = moe_utils.get_moe_layer_wise_logging_tracker()
-    return {name: entry["values"].detach() for name, entry in tracker.items()}
+    tracker = _moe_metrics_tracker()
+    if tracker is not None:
+        return {name: entry.values.detach() for name, entry in tracker.metrics.items()}
+    legacy = moe_utils.get_moe_layer_wise_logging_tracker()
+    return {name: entry["values"].detach() for name, entry in legacy.items()}
 
 
 def clear_moe_aux_losses(forget_layers: bool = False) -> None:
     """Zero the tracked values; ``forget_layers`` also drops the per-name arrays, which the
     tracker sizes once, on first use, to the layer count of the model then running (so a new
     model in the same process, with more layers, starts clean)."""
-    if forget_layers:
+    tracker = _moe_metrics_tracker()
+    if tracker is not None:
+        if forget_layers:
+            tracker.metrics.clear()
+        else:
+            tracker.clear()
+    elif forget_layers:
         moe_utils.get_moe_layer_wise_logging_tracker().clear()
     else:
         moe_utils.clear_aux_losses_tracker()

@@ -25,7 +25,7 @@ import torch
 from megatron.core import parallel_state
 
 from megatron_vwn.config.schema import Config
-from megatron_vwn.model.mcore_compat import moe_loss_coeff_factor
+from megatron_vwn.model.mcore_compat import MTP_INNER_LAYER, moe_loss_coeff_factor
 
 
 def grouped_gemm_available(impl: str) -> bool:
@@ -112,6 +112,22 @@ def routers(chunk: torch.nn.Module) -> list[torch.nn.Module]:
     from megatron.core.transformer.moe.router import TopKRouter
 
     return [module for module in chunk.modules() if isinstance(module, TopKRouter)]
+
+
+def router_rows(chunk: torch.nn.Module, num_layers: int) -> list[tuple[int, torch.nn.Module]]:
+    """``(global row, router)`` of every MoE layer of one model chunk: decoder layer ``i`` is row
+    ``i``, MTP depth ``k`` (0-based) row ``num_layers + k``. Taken from the module tree, not from
+    ``router.layer_number``, which releases set differently for MTP layers (0.19: from 1)."""
+    rows = []
+    for layer in getattr(getattr(chunk, "decoder", None), "layers", []):
+        router = getattr(layer.mlp, "router", None)
+        if router is not None:
+            rows.append((layer.layer_number - 1, router))
+    for depth, layer in enumerate(getattr(getattr(chunk, "mtp", None), "layers", [])):
+        router = getattr(getattr(layer, MTP_INNER_LAYER).mlp, "router", None)
+        if router is not None:
+            rows.append((num_layers + depth, router))
+    return rows
 
 
 def tag_routers(chunk: torch.nn.Module) -> None:

@@ -14,7 +14,7 @@ from the routers' ``expert_bias`` buffers. Per logging window, over the whole gl
 * ``moe_expert_bias_abs`` (with ``expert_bias``): mean ``|b|`` over layers and experts.
 
 All ranks call :meth:`MoEMonitor.collect` at the same iterations: it is one all-reduce over the
-world. Each statistic is a row per global layer (``router.layer_number - 1``), so pipeline stages
+world. Each statistic is a row per global layer (``model.moe.router_rows``), so pipeline stages
 fill disjoint rows; data-parallel ranks add disjoint micro-batches; under tensor (and so
 sequence) parallelism each rank routes its own shard of the sequence.
 """
@@ -26,7 +26,7 @@ from megatron.core import parallel_state
 
 from megatron_vwn.config.schema import ModelConfig
 from megatron_vwn.model.mcore_compat import clear_moe_aux_losses, moe_aux_losses
-from megatron_vwn.model.moe import routers
+from megatron_vwn.model.moe import router_rows
 
 AUX_LOSS_NAMES = ("load_balancing_loss", "seq_load_balancing_loss")
 Z_LOSS_NAME = "z_loss"
@@ -52,18 +52,21 @@ class MoEMonitor:
         self.counts = torch.zeros(self.rows, experts, dtype=torch.float64)
         # [rows]: (token, expert) pairs the router asked for (tokens x top_k)
         self.requested = torch.zeros(self.rows, dtype=torch.float64)
-        self.routers = [router for chunk in chunks for router in routers(_unwrap(chunk))]
-        for router in self.routers:
-            router.register_forward_hook(self._observe)
+        self.routers = [(row, router) for chunk in chunks
+                        for row, router in router_rows(_unwrap(chunk), model.num_layers)]
+        for row, router in self.routers:
+            router.register_forward_hook(self._observer(row))
         clear_moe_aux_losses(forget_layers=True)
 
-    def _observe(self, router, inputs, outputs) -> None:
-        if not (router.training and torch.is_grad_enabled()):
-            return  # evaluation (or a recompute) is not a training step's routing
-        _, routing_map = outputs  # [tokens, experts], bool
-        row = router.layer_number - 1
-        self.counts[row] += routing_map.sum(dim=0).to(self.counts)
-        self.requested[row] += routing_map.shape[0] * self.top_k
+    def _observer(self, row: int):
+        def observe(router, inputs, outputs) -> None:
+            if not (router.training and torch.is_grad_enabled()):
+                return  # evaluation (or a recompute) is not a training step's routing
+            _, routing_map = outputs  # [tokens, experts], bool
+            self.counts[row] += routing_map.sum(dim=0).to(self.counts)
+            self.requested[row] += routing_map.shape[0] * self.top_k
+
+        return observe
 
     def collect(self, steps: int) -> dict:
         """The metrics of the last ``steps`` training steps (then start a new window)."""
@@ -76,9 +79,9 @@ class MoEMonitor:
         bias = torch.zeros(self.rows, self.counts.shape[1], dtype=torch.float64)
         holders = torch.zeros(self.rows, dtype=torch.float64)
         if self.expert_bias:
-            for router in self.routers:
-                bias[router.layer_number - 1] += router.expert_bias.detach().abs().cpu()
-                holders[router.layer_number - 1] += 1
+            for row, router in self.routers:
+                bias[row] += router.expert_bias.detach().abs().cpu()
+                holders[row] += 1
         # one all-reduce: [rows, experts | requested, aux, z, holders | experts of |bias|]
         table = torch.cat([self.counts, torch.stack([self.requested, aux.double().cpu(),
                                                      z.double().cpu(), holders], dim=1), bias],

@@ -51,8 +51,7 @@ def _margin_hook(margins: list[float]):
 
 
 def _expert_biases(trainer) -> dict[int, torch.Tensor]:
-    return {router.layer_number: router.expert_bias.detach().clone()
-            for chunk in trainer.model for router in routers(chunk.module)
+    return {row: router.expert_bias.detach().clone() for row, router in trainer.moe_monitor.routers
             if router.expert_bias is not None}
 
 

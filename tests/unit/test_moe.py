@@ -145,7 +145,7 @@ def test_mtp_layer_on_an_moe_backbone_is_moe(single_process, vwn):
     monitor = MoEMonitor([model], _cfg(*overrides).model, microbatches_per_step=1)
     inner = getattr(model.mtp.layers[0], MTP_INNER_LAYER)
     assert isinstance(inner.mlp, MoELayer)
-    assert inner.mlp.router.layer_number == 4  # after the 3 decoder layers: its own tracker row
+    assert [row for row, _ in monitor.routers] == [0, 1, 2, 3]  # MTP: after the 3 decoders
     tokens, positions = _batch()
     loss = model(tokens, positions, None, labels=tokens).mean()
     loss.backward()
@@ -164,7 +164,7 @@ def test_routing_metrics_match_a_hand_computation(single_process):
     model = _build(*overrides)
     monitor = MoEMonitor([model], _cfg(*overrides).model, microbatches_per_step=1)
     inputs = []
-    for router in monitor.routers:
+    for _, router in monitor.routers:
         router.register_forward_pre_hook(lambda module, args: inputs.append((module, args[0])))
     tokens, positions = _batch(b=4)
     model(tokens, positions, None, labels=tokens).sum().backward()
@@ -209,7 +209,7 @@ def test_expert_bias_moves_and_is_reported(single_process):
     _update_router_expert_bias([model], model.config)
     row = monitor.collect(steps=1)
     assert row["moe_aux_loss"] == 0.0
-    biases = torch.stack([router.expert_bias for router in monitor.routers])
+    biases = torch.stack([router.expert_bias for _, router in monitor.routers])
     assert torch.isin(biases.abs(), torch.tensor([0.0, 0.01])).all()  # +-rate, or 0 if at mean
     assert (biases != 0).any()
     assert row["moe_expert_bias_abs"] == pytest.approx(biases.abs().mean().item())
