@@ -66,6 +66,35 @@ def test_shipped_moe_configs_are_valid(name):
     assert cfg.model.moe.num_experts == 8 and 0 < counts.active < counts.total
 
 
+@pytest.mark.parametrize("name", ["moe/gpt_a0p8b", "moe/gpt_a0p8b_2x", "moe/gpt_a0p8b_8x",
+                                  "moe/gpt_a0p8b_8x_mtp1", "moe/gpt_a0p8b_mhc4"])
+def test_gpu_recipes_are_the_papers_smallest_moe_and_fit_8_to_64_gpus(name):
+    cfg = load_config(name)
+    for world in (8, 16, 64):
+        validate(cfg, world)
+    base = count_params(load_config("moe/gpt_a0p8b").model, 32000)
+    assert 0.75e9 < base.active < 0.85e9 and base.total > 4e9  # MoE-A0.8B
+    counts = count_params(cfg.model, 32000)  # the width members add around the same backbone
+    assert counts.backbone - counts.inactive == base.backbone - base.inactive
+    assert cfg.parallel.expert == 8 and cfg.parallel.etp == 1
+
+
+def test_moe_width_sweep_dry_run(tmp_path, capsys, monkeypatch):
+    """``slurm sweep moe/... --widths 1,2,4,8 --dry-run``: one sbatch line per width, the MoE
+    keys held equal, nothing written."""
+    from megatron_vwn.cli import main
+    from megatron_vwn.launch.sweep import SweepSpec, plan_sweep
+
+    monkeypatch.chdir(tmp_path)
+    assert main(["slurm", "sweep", "moe/gpt_a0p8b", "--widths", "1,2,4,8", "--nodes", "1",
+                 "--nproc-per-node", "8", "--dry-run"]) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if "sbatch" in line]
+    assert [line.split("model.vwn.n=")[1].split()[0] for line in lines] == ["1", "16", "32", "64"]
+    assert not any(tmp_path.iterdir()), "a dry run must not write anything"
+    runs = plan_sweep(SweepSpec(config="moe/tiny", widths=[1, 8]), world_size=2)
+    assert all("moe/tiny" == run.train_args[0] for run in runs)
+
+
 def _build(*overrides):
     from megatron_vwn.model.builder import build_model
 
