@@ -28,9 +28,11 @@ number, so a release in between or after works where its API does:
   router multiplies the load-balancing and z-losses by the token count of the *sequence shard*
   it routes, where the gradient normalisation divides by the micro-batch's whole token count:
   under TP > 1 with SP their gradients come out 1/TP of the single-process ones (the parity
-  test sees the router weight's gradient off by half at TP=2). :func:`moe_loss_coeff_factor`
-  gives the factor our coefficients are multiplied by before Megatron-Core sees them; the
-  logged values divide by the same coefficient, so they are unaffected.
+  test sees the router weight's gradient off by half at TP=2). 0.19 fixed it (it multiplies by
+  ``tp_cp_group.size()`` there): the fix is recognised in the router's source.
+  :func:`moe_loss_coeff_factor` gives the factor our coefficients are multiplied by before
+  Megatron-Core sees them (1 where fixed); the logged values divide by the same coefficient, so
+  they are unaffected.
 * MoE aux-loss logging: the routers add each layer's load-balancing and z-loss into a global
   tracker that Megatron-LM's training loop reads and clears (0.16: a dict,
   ``moe_utils.get_moe_layer_wise_logging_tracker``; 0.19: ``moe_logging.MoEMetricsTracker``,
@@ -62,10 +64,23 @@ if not hasattr(moe_utils, "te_general_gemm"):
 
 
 
+def _router_scales_losses_by_full_sequence() -> bool:
+    """Whether this release's router already multiplies its per-token aux loss by the TP x CP
+    size (the fix of the 1/TP gradient under sequence parallelism)."""
+    import inspect
+
+    from megatron.core.transformer.moe.router import TopKRouter
+
+    source = inspect.getsource(TopKRouter.attach_and_log_load_balancing_loss)
+    return "tp_cp_group.size()" in source
+
+
 def moe_loss_coeff_factor(tensor_parallel: int, sequence_parallel: bool) -> int:
     """What the aux- and z-loss coefficients are multiplied by so their gradients equal the
     single-process ones (see the module docstring)."""
-    return tensor_parallel if sequence_parallel else 1
+    if not sequence_parallel or _router_scales_losses_by_full_sequence():
+        return 1
+    return tensor_parallel
 
 
 def _moe_metrics_tracker():
