@@ -6,9 +6,9 @@
 Three formats: ``llama`` (stock ``LlamaForCausalLM``; the backbone only, ``m = n = 1``),
 ``mixtral`` (stock ``MixtralForCausalLM``; a plain MoE backbone, docs/moe.md) and ``vwn``
 (``VWNForCausalLM``, its self-contained ``configuration_vwn.py`` / ``modeling_vwn.py`` copied in
-and named by ``auto_map``; any dense model, the backbone included). ``auto`` picks ``llama``
-for the backbone, ``mixtral`` for a plain MoE backbone, ``vwn`` otherwise (other MoE models
-are refused: the remote-code class has no MoE yet). Multi-token-prediction heads are exported
+and named by ``auto_map``; any model, the backbone included). ``auto`` picks ``llama``
+for the backbone, ``mixtral`` for a plain MoE backbone, ``vwn`` otherwise (every other MoE
+model too: the remote-code class has MoE). Multi-token-prediction heads are exported
 in all: inside the ``vwn`` model (``mtp.{k}.*``), or beside the Llama / Mixtral files in
 ``mtp_heads.safetensors``.
 """
@@ -90,15 +90,16 @@ def choose_format(cfg: Config, requested: str) -> str:
     backbone = not cfg.model.vwn.enabled
     if cfg.model.moe.enabled:
         reasons = mixtral_mismatch(cfg)
-        if requested in ("auto", "mixtral") and not reasons:
-            return "mixtral"
-        raise ConfigError(
-            f"--format {requested}: this mixture-of-experts model exports as the stock "
-            f"MixtralForCausalLM only when it is a plain Mixtral; it has {', '.join(reasons)}, "
-            f"which the remote-code VWNForCausalLM does not support yet (docs/moe.md)"
-            if reasons else
-            f"--format {requested} cannot hold this mixture-of-experts model: use --format "
-            f"mixtral (or auto)")
+        if requested == "auto":
+            return "vwn" if reasons else "mixtral"
+        if requested == "mixtral" and reasons:
+            raise ConfigError(
+                f"--format mixtral needs a plain Mixtral-shaped MoE; this model has "
+                f"{', '.join(reasons)}: use --format vwn (or auto)")
+        if requested == "llama":
+            raise ConfigError("--format llama cannot hold a mixture-of-experts model: use "
+                              "--format mixtral, vwn or auto")
+        return requested
     if requested == "mixtral":
         raise ConfigError("--format mixtral needs a mixture-of-experts model "
                           "(model.moe.num_experts > 0): use --format auto, llama or vwn")
@@ -187,6 +188,11 @@ def vwn_config(loaded: LoadedModel, dtype: str, token_ids: dict):
         altup_mtp_active=[layer.altup.active for layer in mtp_layers if hasattr(layer, "altup")],
         altup_exit_block=shape.active_block(shape.num_layers - 1) if shape is not None else 0,
         num_mtp_layers=model.mtp.num_layers,
+        moe_num_experts=model.moe.num_experts, moe_top_k=model.moe.top_k,
+        moe_intermediate_size=model.moe.expert_ffn_size(model.ffn_size),
+        moe_shared_intermediate_size=model.moe.shared_expert_ffn_hidden_size,
+        moe_dense_layers=model.moe.dense_layers, moe_router_score=model.moe.router_score,
+        moe_expert_bias=model.moe.expert_bias,
         architectures=["VWNForCausalLM"], dtype=str(DTYPES[dtype]).replace("torch.", ""),
         **token_ids,
     )

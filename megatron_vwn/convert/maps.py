@@ -43,8 +43,14 @@ def mixtral_moe_rules(megatron: str, hf: str) -> list[Rule]:
     in its published layout (router ``gate``, expert ``{e}``: ``w1`` gate, ``w3`` up, ``w2``
     down; transformers 5 fuses the experts on load)."""
     experts = f"{megatron}mlp.experts.local_experts.{{e}}."
+    shared = f"{hf}block_sparse_moe.shared_expert."
     return [
         Rule(f"{megatron}mlp.router.weight", (f"{hf}block_sparse_moe.gate.weight",)),
+        # beyond Mixtral (VWNForCausalLM only): DeepSeek-V3's expert bias, the shared expert
+        Rule(f"{megatron}mlp.router.expert_bias", (f"{hf}block_sparse_moe.gate.expert_bias",)),
+        Rule(f"{megatron}mlp.shared_experts.linear_fc1.weight",
+             (f"{shared}gate_proj.weight", f"{shared}up_proj.weight"), FusedGateUp()),
+        Rule(f"{megatron}mlp.shared_experts.linear_fc2.weight", (f"{shared}down_proj.weight",)),
         Rule(f"{experts}linear_fc1.weight", (f"{hf}block_sparse_moe.experts.{{e}}.w1.weight",
                                              f"{hf}block_sparse_moe.experts.{{e}}.w3.weight"),
              FusedGateUp()),

@@ -37,7 +37,11 @@ FAMILY = {
 }
 # A plain Mixtral-shaped MoE backbone (docs/moe.md): every layer 4 experts, top-2 softmax.
 MOE = ["model.moe.num_experts=4", "model.moe.top_k=2", "model.moe.ffn_hidden_size=64"]
-MODELS = {"vwn": VWN, **FAMILY, "moe": MOE}
+# DeepSeek-style MoE (first layer dense, shared expert, sigmoid router, expert bias) at 2x VWN.
+MOE_VWN = [*MOE, "model.moe.dense_layers=1", "model.moe.shared_expert_ffn_hidden_size=64",
+           "model.moe.router_score=sigmoid", "model.moe.expert_bias=true",
+           "model.moe.expert_bias_update_rate=1e-2", "model.vwn.m=2", "model.vwn.n=4"]
+MODELS = {"vwn": VWN, **FAMILY, "moe": MOE, "moe_vwn": MOE_VWN}
 
 
 @pytest.fixture(scope="module")
@@ -422,15 +426,46 @@ def test_only_a_plain_moe_is_a_mixtral():
     from megatron_vwn.convert.export import choose_format
 
     assert choose_format(load_config("moe/tiny"), "auto") == "mixtral"
-    with pytest.raises(ConfigError, match="it has model.moe.dense_layers=1, "
+    assert choose_format(load_config("moe/tiny"), "vwn") == "vwn"
+    assert choose_format(load_config("moe/tiny_deepseek"), "auto") == "vwn"
+    with pytest.raises(ConfigError, match="this model has model.moe.dense_layers=1, "
                                           "model.moe.shared_expert_ffn_hidden_size=192, "
                                           "model.moe.router_score=sigmoid, "
-                                          "model.moe.expert_bias=True"):
-        choose_format(load_config("moe/tiny_deepseek"), "auto")
+                                          "model.moe.expert_bias=True: use --format vwn"):
+        choose_format(load_config("moe/tiny_deepseek"), "mixtral")
     with pytest.raises(ConfigError, match="model.vwn.connection=ghc"):
-        choose_format(load_config("moe/tiny_2x"), "vwn")
+        choose_format(load_config("moe/tiny_2x"), "mixtral")
+    with pytest.raises(ConfigError, match="--format llama cannot hold a mixture-of-experts"):
+        choose_format(load_config("moe/tiny"), "llama")
     with pytest.raises(ConfigError, match="--format mixtral needs a mixture-of-experts model"):
         choose_format(load_config("tiny"), "mixtral")
+
+
+def test_moe_with_virtual_width_exports_to_the_remote_code_class(runs, world, tmp_path):
+    """DeepSeek-style MoE (dense first layer, shared expert, sigmoid router with a trained
+    expert bias) under 2x VWN, experts over two ranks, with its MoE MTP head: VWNForCausalLM
+    reproduces logits and MTP logits within 1e-4 and the greedy tokens, also where megatron_vwn
+    cannot be imported."""
+    from megatron_vwn.convert.export import export_checkpoint
+    from megatron_vwn.convert.verify import check_parity, greedy_megatron
+
+    run = runs("moe_vwn", "ep2")
+    result = export_checkpoint(run, tmp_path / "hf")
+    assert_loaded_as_trained(result.loaded.model, run)
+    assert result.format == "vwn"
+    config = _assert_exported(result.out_dir, "VWNForCausalLM")
+    assert (config["moe_num_experts"], config["moe_dense_layers"]) == (4, 1)
+    bias = result.loaded.model.decoder.layers[1].mlp.router.expert_bias
+    assert bias.abs().sum() > 0  # trained: the routing the export must reproduce uses it
+    report = check_parity(result)
+    print(f"moe_vwn ep2: {report.describe()}")
+    assert report.max_abs_diff <= 1e-4 and report.mtp_max_abs_diff[0] <= 1e-4
+    work = tmp_path / "isolated"
+    work.mkdir()
+    out = run_isolated(result.out_dir, PROMPT, NEW_TOKENS, work)
+    assert out["class"] == "VWNForCausalLM" and out["mtp_depths"] == 1
+    assert out["generated"] == greedy_megatron(result.loaded.model, out["prompt"], NEW_TOKENS,
+                                               result.vocab_size)
 
 
 def test_mixtral_roundtrip_is_identical(world, tmp_path):
