@@ -137,6 +137,13 @@ class Trainer:
             dist.world_size, cfg.parallel.tensor, cfg.parallel.pipeline, cfg.parallel.vpp,
             self.layout.data_parallel, self.layout.num_microbatches, cfg.train.micro_batch_size,
         )
+        if cfg.model.moe.enabled:
+            par = cfg.parallel
+            logger.info("experts: world %d = expert-tensor %d x expert %d x pipeline %d x "
+                        "expert-data %d | %d experts per rank", dist.world_size, par.etp,
+                        par.expert, par.pipeline,
+                        dist.world_size // (par.etp * par.expert * par.pipeline),
+                        cfg.model.moe.num_experts // par.expert)
         resumed = self.checkpoints.resume(self.model, self.optimizer, self.scheduler)
         self.iteration = resumed.iteration
         self.consumed_valid_samples = resumed.consumed_valid_samples
