@@ -24,6 +24,9 @@ probe: their cost shows in the step time, their saving in the saved bytes.
     python scripts/bench_vwn.py --json       # one JSON object per row (variant, m, n, hidden,
                                              # step_ratio, layer_ratio, activation_ratio, ...)
     python scripts/bench_vwn.py --kernel triton   # the GHC kernel of the VWN variants
+    python scripts/bench_vwn.py --moe 8,2   # every variant over an MoE backbone (docs/moe.md):
+                                            # 8 experts top-2, expert width F/2 (the dense
+                                            # MLP's active FLOPs), Megatron-Core's MoE layer
 """
 
 from __future__ import annotations
@@ -84,6 +87,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     p.add_argument("--kernel", default="auto", choices=["auto", "torch", "triton"],
                    help="model.vwn.kernel of every VWN variant")
+    p.add_argument("--moe", metavar="E,K", default=None,
+                   help="MoE backbone: E experts, top-K, each of width ffn/K (default: dense)")
     p.add_argument("--markdown", action="store_true", help="print markdown table rows")
     p.add_argument("--json", action="store_true", help="print one JSON object per row")
     return p.parse_args()
@@ -104,6 +109,15 @@ def saved_activation_bytes(forward) -> int:
         loss = forward()
     loss.backward()
     return sum(seen.values())
+
+
+def moe_overrides(spec: str | None, ffn_size: int) -> list[str]:
+    """``--moe E,K`` -> the ``model.moe`` overrides of the backbone every variant shares."""
+    if spec is None:
+        return []
+    experts, top_k = (int(x) for x in spec.split(","))
+    return [f"model.moe.num_experts={experts}", f"model.moe.top_k={top_k}",
+            f"model.moe.ffn_hidden_size={ffn_size // top_k}"]
 
 
 def base_variant(name: str) -> str | None:
@@ -147,6 +161,7 @@ def bench_hidden(args: argparse.Namespace, hidden: int) -> list[dict]:
     base = [f"model.num_layers={args.layers}", f"model.hidden_size={hidden}",
             f"model.num_attention_heads={heads}", f"model.num_query_groups={heads}",
             f"model.seq_length={args.seq}", f"train.precision={args.precision}"]
+    base += moe_overrides(args.moe, load_config(None, base).model.ffn_size)
     kernel = [f"model.vwn.kernel={args.kernel}"]
     cfgs = {name: load_config(None, [*base, *VARIANTS[name], *(kernel if VARIANTS[name] else [])])
             for name in args.variants}
@@ -224,6 +239,8 @@ def bench_hidden(args: argparse.Namespace, hidden: int) -> list[dict]:
             "activation_ratio": activations[name] / activations["backbone"],
             "peak_MB": peaks.get(name, float("nan")) / 2**20,
             "params_M": sum(p.numel() for p in models[name].parameters()) / 1e6,
+            "moe_experts": cfgs[name].model.moe.num_experts,
+            "moe_top_k": cfgs[name].model.moe.top_k if cfgs[name].model.moe.enabled else 0,
         })
     return rows
 
@@ -241,9 +258,11 @@ def main() -> int:
         for r in rows:
             print(json.dumps({**r, "device": dev, "dtype": dtype}))
         return 0
+    backbone = "dense" if args.moe is None else "MoE {} experts top-{}".format(
+        *args.moe.split(","))
     print(f"device {dev} | {dtype} | kernel {args.kernel} | layers {args.layers} | seq {args.seq}"
           f" | mbs {args.mbs} | vocab {args.vocab} | rounds {args.rounds} x ({args.steps} steps,"
-          f" {args.layer_reps} layer passes)")
+          f" {args.layer_reps} layer passes) | backbone {backbone}")
     if args.markdown:
         print("| D | variant | params (M) | step (ms) | step vs backbone | layer (ms) | layer vs "
               "backbone | recompute: layer time vs without | saved activations (MB) | act. vs "

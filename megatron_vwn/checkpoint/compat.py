@@ -23,6 +23,9 @@ NON_SHAPE_KEYS = frozenset({
     "seq_length", "rotary_base", "norm_epsilon",
     # replaced by the padded vocabulary actually built (see module docstring)
     "vocab_size", "make_vocab_size_divisible_by",
+    # MoE training knobs: the same parameters, routed or balanced otherwise (docs/moe.md)
+    "moe.router_dtype", "moe.aux_loss", "moe.aux_loss_coeff", "moe.z_loss_coeff",
+    "moe.capacity_factor", "moe.expert_bias_update_rate",
 })
 """``model`` keys that may differ between a checkpoint and the run that loads it."""
 

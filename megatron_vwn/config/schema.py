@@ -227,6 +227,86 @@ class MtpConfig:
 
 
 @dataclass
+class MoEConfig:
+    """Mixture-of-experts MLPs through Megatron-Core's ``MoELayer`` (docs/moe.md).
+
+    ``num_experts = 0`` is the dense backbone (every other key must then stay at its default).
+    Each MoE layer routes every token to ``top_k`` of ``num_experts`` SwiGLU experts of width
+    ``ffn_hidden_size``, plus an always-on shared expert when ``shared_expert_ffn_hidden_size``
+    is set; the first ``dense_layers`` layers keep the dense MLP (DeepSeek's backbones).
+    """
+
+    num_experts: int = 0
+    top_k: int = 2
+    ffn_hidden_size: int | None = None
+    """Width of one expert; None: ``model.ffn_hidden_size`` (the dense MLP's)."""
+    shared_expert_ffn_hidden_size: int = 0
+    """Width of the shared expert every token passes through; 0: none."""
+    dense_layers: int = 0
+    """The first this many layers keep the dense MLP; the rest are MoE."""
+    router_score: Literal["softmax", "sigmoid"] = "softmax"
+    """softmax: top-k of the logits, then a softmax over the k (Mixtral); sigmoid: per-expert
+    sigmoid scores, the k chosen normalised to sum 1 (DeepSeek-V3)."""
+    router_dtype: Literal["fp32", "fp64"] = "fp32"
+    """Precision of the router's logits and scores (fp64: parity tests, so reduction-order
+    noise cannot flip a top-k choice)."""
+    expert_bias: bool = False
+    """DeepSeek-V3's aux-loss-free balancing: a per-expert bias added to the scores for the
+    top-k choice only, moved by ``expert_bias_update_rate`` towards balance after every step
+    (needs ``router_score=sigmoid``)."""
+    expert_bias_update_rate: float = 1e-3
+    aux_loss: Literal["aux_loss", "seq_aux_loss", "none"] = "aux_loss"
+    """Load-balancing loss: over the micro-batch (Switch), per sequence (DeepSeek-V3), none."""
+    aux_loss_coeff: float = 1e-2
+    z_loss_coeff: float = 0.0
+    """Router z-loss (ST-MoE); 0: off."""
+    capacity_factor: float | None = None
+    """Token dropping: each expert takes at most ``capacity_factor x tokens x top_k /
+    num_experts`` tokens (lowest probabilities dropped); None: dropless."""
+
+    @property
+    def enabled(self) -> bool:
+        return self.num_experts > 0
+
+    def validate(self, num_layers: int) -> None:
+        if not self.enabled:
+            _positive("model.moe.num_experts", self.num_experts, allow_zero=True)
+            changed = [f"model.moe.{name} ({value})" for name, value in vars(self).items()
+                       if name != "num_experts" and value != getattr(MoEConfig(), name)]
+            if changed:
+                raise ConfigError(
+                    f"{', '.join(changed)} set while model.moe.num_experts=0 (dense MLPs); "
+                    f"allowed: model.moe.num_experts > 0, or leave the model.moe keys unset")
+            return
+        _positive("model.moe.top_k", self.top_k)
+        _positive("model.moe.ffn_hidden_size", self.ffn_hidden_size)
+        _positive("model.moe.shared_expert_ffn_hidden_size", self.shared_expert_ffn_hidden_size,
+                  allow_zero=True)
+        _positive("model.moe.dense_layers", self.dense_layers, allow_zero=True)
+        _positive("model.moe.expert_bias_update_rate", self.expert_bias_update_rate)
+        _positive("model.moe.aux_loss_coeff", self.aux_loss_coeff, allow_zero=True)
+        _positive("model.moe.z_loss_coeff", self.z_loss_coeff, allow_zero=True)
+        _positive("model.moe.capacity_factor", self.capacity_factor)
+        if self.top_k > self.num_experts:
+            raise ConfigError(f"model.moe.top_k ({self.top_k}) must be <= model.moe.num_experts "
+                              f"({self.num_experts})")
+        if self.top_k == 1 and self.router_score == "softmax":
+            raise ConfigError("model.moe.top_k=1 with model.moe.router_score=softmax gives every "
+                              "token the weight 1 (no gradient reaches the router); allowed: "
+                              "top_k >= 2, or router_score=sigmoid")
+        if self.dense_layers >= num_layers:
+            raise ConfigError(f"model.moe.dense_layers ({self.dense_layers}) must be < "
+                              f"model.num_layers ({num_layers}); use model.moe.num_experts=0 "
+                              f"for a dense model")
+        if self.expert_bias and self.router_score != "sigmoid":
+            raise ConfigError("model.moe.expert_bias=true needs model.moe.router_score=sigmoid "
+                              f"(got {self.router_score}), as in DeepSeek-V3 and Megatron-Core")
+
+    def expert_ffn_size(self, ffn_size: int) -> int:
+        return self.ffn_hidden_size or ffn_size
+
+
+@dataclass
 class ModelConfig:
     """Backbone shape (Llama-style GPT: RMSNorm, SwiGLU, RoPE, GQA)."""
 
@@ -251,6 +331,7 @@ class ModelConfig:
     """auto: Transformer Engine when it and CUDA are present, else the local spec."""
     vwn: VwnConfig = field(default_factory=VwnConfig)
     mtp: MtpConfig = field(default_factory=MtpConfig)
+    moe: MoEConfig = field(default_factory=MoEConfig)
 
     def validate(self) -> None:
         for key in ("num_layers", "hidden_size", "num_attention_heads", "seq_length",
@@ -272,6 +353,7 @@ class ModelConfig:
             )
         self.vwn.validate(self.hidden_size)
         self.mtp.validate()
+        self.moe.validate(self.num_layers)
         if self.tie_embeddings and self.vwn.enabled and self.vwn.resolved_embedding == "wide":
             other = "replicated" if self.vwn.connection == "altup" else "factorized"
             raise ConfigError(
@@ -308,6 +390,11 @@ class ParallelConfig:
     sequence_parallel: bool = False
     distributed_optimizer: bool | None = None
     """Shard optimizer state over data-parallel ranks; None means on with CUDA, off on CPU."""
+    expert: int = 1
+    """Expert parallelism (EP): the experts of every MoE layer split over this many ranks."""
+    expert_tensor: int | None = None
+    """Tensor parallelism inside each expert; None: ``parallel.tensor`` (Megatron-Core's
+    default). Expert-TP x EP x pipeline must divide the world (docs/moe.md)."""
     timeout_s: int | None = None
     """Seconds a rank waits for a silent peer (heartbeats, collectives) before the job stops
     naming the lost rank; None means 600 on GPU, 300 on CPU (docs/reliability.md)."""
@@ -317,6 +404,8 @@ class ParallelConfig:
         _positive("parallel.tensor", self.tensor)
         _positive("parallel.pipeline", self.pipeline)
         _positive("parallel.virtual_pipeline", self.virtual_pipeline)
+        _positive("parallel.expert", self.expert)
+        _positive("parallel.expert_tensor", self.expert_tensor)
         if self.virtual_pipeline and self.virtual_pipeline > 1 and self.pipeline < 2:
             raise ConfigError(
                 f"parallel.virtual_pipeline ({self.virtual_pipeline}) needs parallel.pipeline >= 2 "
@@ -328,6 +417,11 @@ class ParallelConfig:
     @property
     def vpp(self) -> int:
         return self.virtual_pipeline or 1
+
+    @property
+    def etp(self) -> int:
+        """Expert tensor parallelism, resolved (defaults to ``tensor``)."""
+        return self.expert_tensor or self.tensor
 
 
 @dataclass

@@ -43,6 +43,7 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
             f"parallel.tensor ({par.tensor}) must divide model.ffn_hidden_size ({model.ffn_size})"
         )
     _validate_vwn_layout(cfg)
+    _validate_moe_layout(cfg)
     vwn = model.vwn
     if (model.mtp.num_layers and par.pipeline > 1 and vwn.enabled and vwn.connection == "ghc"
             and vwn.embedding == "factorized" and vwn.n > vwn.m):
@@ -99,6 +100,34 @@ def _validate_vwn_layout(cfg: Config) -> None:
         )
 
 
+def _validate_moe_layout(cfg: Config) -> None:
+    """Expert parallelism needs experts, and Megatron-Core's MoE layer needs sequence parallelism
+    under tensor parallelism (it refuses to train without it)."""
+    moe, par = cfg.model.moe, cfg.parallel
+    if not moe.enabled:
+        if par.expert > 1 or par.expert_tensor is not None:
+            key = (f"parallel.expert ({par.expert})" if par.expert > 1
+                   else f"parallel.expert_tensor ({par.expert_tensor})")
+            raise ConfigError(f"{key} needs model.moe.num_experts > 0 (got 0: a dense model); "
+                              f"allowed: parallel.expert=1 and parallel.expert_tensor unset")
+        return
+    if moe.num_experts % par.expert:
+        raise ConfigError(f"parallel.expert ({par.expert}) must divide model.moe.num_experts "
+                          f"({moe.num_experts})")
+    expert_ffn = moe.expert_ffn_size(cfg.model.ffn_size)
+    if expert_ffn % par.etp:
+        raise ConfigError(f"parallel.expert_tensor ({par.etp}; defaults to parallel.tensor) must "
+                          f"divide the expert width model.moe.ffn_hidden_size ({expert_ffn})")
+    if moe.shared_expert_ffn_hidden_size % par.tensor:
+        raise ConfigError(f"parallel.tensor ({par.tensor}) must divide "
+                          f"model.moe.shared_expert_ffn_hidden_size "
+                          f"({moe.shared_expert_ffn_hidden_size})")
+    if par.tensor > 1 and not par.sequence_parallel:
+        raise ConfigError("model.moe.num_experts > 0 with parallel.tensor > 1 needs "
+                          "parallel.sequence_parallel=true (Megatron-Core's MoE layer trains "
+                          "only with it)")
+
+
 def validate_world_size(cfg: Config, world_size: int) -> None:
     """World = tensor x pipeline x data, and the global batch splits over data-parallel ranks."""
     par, train = cfg.parallel, cfg.train
@@ -109,6 +138,14 @@ def validate_world_size(cfg: Config, world_size: int) -> None:
             f"parallel.pipeline ({par.tensor} x {par.pipeline} = {model_parallel}); "
             f"allowed: {model_parallel}, {2 * model_parallel}, {3 * model_parallel}, ..."
         )
+    expert_parallel = par.etp * par.expert * par.pipeline
+    if cfg.model.moe.enabled and world_size % expert_parallel:
+        raise ConfigError(
+            f"the number of processes ({world_size}) must be a multiple of "
+            f"parallel.expert_tensor x parallel.expert x parallel.pipeline ({par.etp} x "
+            f"{par.expert} x {par.pipeline} = {expert_parallel}; parallel.expert_tensor "
+            f"defaults to parallel.tensor): Megatron-Core lays the experts out over the same "
+            f"ranks; allowed: a multiple of {expert_parallel}, or parallel.expert_tensor=1")
     dp = world_size // model_parallel
     per_step = train.micro_batch_size * dp
     if train.global_batch_size % per_step:

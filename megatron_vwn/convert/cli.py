@@ -1,7 +1,7 @@
 """``megatron-vwn convert``: the argument parser and handlers (see docs/convert.md).
 
     megatron-vwn convert hf RUN_DIR_OR_CHECKPOINT OUT_DIR [--dtype fp32|bf16] [--verify]
-        [--format auto|llama|vwn] [--max-shard-size 2GB] [--tokenizer PATH | --no-tokenizer]
+        [--format auto|llama|mixtral|vwn] [--max-shard-size 2GB] [--tokenizer PATH | --no-tokenizer]
     megatron-vwn convert from-hf HF_DIR OUT_DIR [key=value ...]
 """
 
@@ -25,7 +25,7 @@ def add_convert_arguments(parser: argparse.ArgumentParser) -> None:
     hf.add_argument("out_dir", help="new (or empty) output directory")
     hf.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32",
                     help="dtype of the written weights (default fp32)")
-    hf.add_argument("--format", choices=("auto", "llama", "vwn"), default="auto",
+    hf.add_argument("--format", choices=("auto", "llama", "mixtral", "vwn"), default="auto",
                     help="auto: llama for the backbone (m = n = 1), vwn otherwise; vwn also "
                          "takes a backbone (to use its MTP heads)")
     hf.add_argument("--max-shard-size", default="2GB",

@@ -3,11 +3,14 @@
     load (megatron_io) -> key map + transforms (maps, keymap) -> config.json,
     generation_config.json, safetensors shards + index, tokenizer -> optional parity check
 
-Two formats: ``llama`` (stock ``LlamaForCausalLM``; the backbone only, ``m = n = 1``) and ``vwn``
+Three formats: ``llama`` (stock ``LlamaForCausalLM``; the backbone only, ``m = n = 1``),
+``mixtral`` (stock ``MixtralForCausalLM``; a plain MoE backbone, docs/moe.md) and ``vwn``
 (``VWNForCausalLM``, its self-contained ``configuration_vwn.py`` / ``modeling_vwn.py`` copied in
-and named by ``auto_map``; any model, the backbone included). ``auto`` picks ``llama`` for the
-backbone, ``vwn`` otherwise. Multi-token-prediction heads are exported in both: inside the
-``vwn`` model (``mtp.{k}.*``), or beside the Llama files in ``mtp_heads.safetensors``.
+and named by ``auto_map``; any model, the backbone included). ``auto`` picks ``llama``
+for the backbone, ``mixtral`` for a plain MoE backbone, ``vwn`` otherwise (every other MoE
+model too: the remote-code class has MoE). Multi-token-prediction heads are exported
+in all: inside the ``vwn`` model (``mtp.{k}.*``), or beside the Llama / Mixtral files in
+``mtp_heads.safetensors``.
 """
 
 from __future__ import annotations
@@ -67,8 +70,40 @@ def resolve_tokenizer(cfg: Config, explicit: str | None) -> str | None:
     return None
 
 
+def mixtral_mismatch(cfg: Config) -> list[str]:
+    """Why an MoE model is not a stock Mixtral (empty when it is): Mixtral has every layer MoE
+    with one expert width, top-k-then-softmax routing, no shared expert, no expert bias and no
+    dropped tokens, and no virtual width."""
+    moe = cfg.model.moe
+    reasons = [f"model.moe.{key}={value}" for key, value, plain in (
+        ("dense_layers", moe.dense_layers, 0),
+        ("shared_expert_ffn_hidden_size", moe.shared_expert_ffn_hidden_size, 0),
+        ("router_score", moe.router_score, "softmax"),
+        ("expert_bias", moe.expert_bias, False),
+        ("capacity_factor", moe.capacity_factor, None)) if value != plain]
+    if cfg.model.vwn.enabled:
+        reasons.append(f"model.vwn.connection={cfg.model.vwn.connection} "
+                       f"(m={cfg.model.vwn.m}, n={cfg.model.vwn.n})")
+    return reasons
+
+
 def choose_format(cfg: Config, requested: str) -> str:
     backbone = not cfg.model.vwn.enabled
+    if cfg.model.moe.enabled:
+        reasons = mixtral_mismatch(cfg)
+        if requested == "auto":
+            return "vwn" if reasons else "mixtral"
+        if requested == "mixtral" and reasons:
+            raise ConfigError(
+                f"--format mixtral needs a plain Mixtral-shaped MoE; this model has "
+                f"{', '.join(reasons)}: use --format vwn (or auto)")
+        if requested == "llama":
+            raise ConfigError("--format llama cannot hold a mixture-of-experts model: use "
+                              "--format mixtral, vwn or auto")
+        return requested
+    if requested == "mixtral":
+        raise ConfigError("--format mixtral needs a mixture-of-experts model "
+                          "(model.moe.num_experts > 0): use --format auto, llama or vwn")
     if requested == "auto":
         return "llama" if backbone else "vwn"
     if requested == "llama" and not backbone:
@@ -95,6 +130,29 @@ def llama_config(loaded: LoadedModel, dtype: str, token_ids: dict):
         attention_bias=False, mlp_bias=False, architectures=["LlamaForCausalLM"],
         dtype=str(DTYPES[dtype]).replace("torch.", ""), **token_ids,
     )
+
+
+def mixtral_config(loaded: LoadedModel, dtype: str, token_ids: dict):
+    """``MixtralConfig`` of a plain MoE backbone (:func:`mixtral_mismatch` is empty)."""
+    from transformers import MixtralConfig
+
+    model = loaded.cfg.model
+    config = MixtralConfig(
+        vocab_size=loaded.vocab_size, hidden_size=model.hidden_size,
+        intermediate_size=model.moe.expert_ffn_size(model.ffn_size),
+        num_hidden_layers=model.num_layers, num_attention_heads=model.num_attention_heads,
+        num_key_value_heads=model.query_groups,
+        head_dim=model.hidden_size // model.num_attention_heads, hidden_act="silu",
+        max_position_embeddings=model.seq_length, rms_norm_eps=model.norm_epsilon,
+        initializer_range=model.init_method_std, tie_word_embeddings=model.tie_embeddings,
+        rope_theta=float(model.rotary_base), sliding_window=None,
+        num_local_experts=model.moe.num_experts, num_experts_per_tok=model.moe.top_k,
+        router_aux_loss_coef=model.moe.aux_loss_coeff if model.moe.aux_loss != "none" else 0.0,
+        architectures=["MixtralForCausalLM"], dtype=str(DTYPES[dtype]).replace("torch.", ""),
+        **token_ids,
+    )
+    config.rope_parameters = {"rope_type": "default", "rope_theta": float(model.rotary_base)}
+    return config
 
 
 def vwn_config(loaded: LoadedModel, dtype: str, token_ids: dict):
@@ -131,6 +189,11 @@ def vwn_config(loaded: LoadedModel, dtype: str, token_ids: dict):
         altup_mtp_active=[layer.altup.active for layer in mtp_layers if hasattr(layer, "altup")],
         altup_exit_block=shape.active_block(shape.num_layers - 1) if shape is not None else 0,
         num_mtp_layers=model.mtp.num_layers,
+        moe_num_experts=model.moe.num_experts, moe_top_k=model.moe.top_k,
+        moe_intermediate_size=model.moe.expert_ffn_size(model.ffn_size),
+        moe_shared_intermediate_size=model.moe.shared_expert_ffn_hidden_size,
+        moe_dense_layers=model.moe.dense_layers, moe_router_score=model.moe.router_score,
+        moe_expert_bias=model.moe.expert_bias,
         architectures=["VWNForCausalLM"], dtype=str(DTYPES[dtype]).replace("torch.", ""),
         **token_ids,
     )
@@ -185,13 +248,14 @@ def export_loaded(loaded: LoadedModel, out_dir: str | Path, *, fmt: str = "auto"
                                            loaded.cfg.model.seq_length)
 
     shape = MapShape.of(loaded.cfg.model, loaded.vocab_size, loaded.padded_vocab_size)
-    rules = llama_rules(shape) if fmt == "llama" else vwn_rules(shape)
+    rules = vwn_rules(shape) if fmt == "vwn" else llama_rules(shape)
     tensors = {name: tensor.detach().to(DTYPES[dtype])
                for name, tensor in to_hf(loaded.model.state_dict(), rules).items()}
     sidecar = {}
-    if fmt == "llama":
+    if fmt in ("llama", "mixtral"):
         sidecar = {k: tensors.pop(k) for k in [k for k in tensors if k.startswith("mtp.")]}
-        config = llama_config(loaded, dtype, token_ids)
+        make_config = llama_config if fmt == "llama" else mixtral_config
+        config = make_config(loaded, dtype, token_ids)
     else:
         config = vwn_config(loaded, dtype, token_ids)
         for name in REMOTE_FILES:
@@ -242,7 +306,7 @@ def export_checkpoint(source: str | Path, out_dir: str | Path, *, fmt: str = "au
 
 def describe(result: ExportResult) -> str:
     loaded = result.loaded
-    how = ("AutoModelForCausalLM.from_pretrained(OUT)" if result.format == "llama"
+    how = ("AutoModelForCausalLM.from_pretrained(OUT)" if result.format != "vwn"
            else "AutoModelForCausalLM.from_pretrained(OUT, trust_remote_code=True)")
     source = f"{loaded.path} (iteration {loaded.iteration}, saved at {loaded.saved_layout})" \
         if loaded and loaded.path else "model"

@@ -1,4 +1,5 @@
-"""``megatron-vwn convert from-hf``: a Hugging Face Llama checkpoint -> a Megatron checkpoint.
+"""``megatron-vwn convert from-hf``: a Hugging Face Llama or Mixtral checkpoint -> a Megatron
+checkpoint.
 
     HF config.json -> model section (+ key=value overrides, e.g. model.vwn.*, model.mtp.*)
     -> the model a run would build (initialised from train.seed) -> the Llama key map inverted
@@ -50,11 +51,11 @@ def _rope_theta(hf: dict) -> int:
 
 
 def llama_model_section(hf: dict) -> dict:
-    """``model`` config keys of a ``LlamaForCausalLM`` ``config.json``; refuses what our backbone
-    cannot express."""
-    if hf.get("model_type") != "llama":
+    """``model`` config keys of a ``LlamaForCausalLM`` or ``MixtralForCausalLM``
+    ``config.json``; refuses what our backbone cannot express."""
+    if hf.get("model_type") not in ("llama", "mixtral"):
         raise ConfigError(f"config.json has model_type {hf.get('model_type')!r}; only 'llama' "
-                          f"(LlamaForCausalLM) is supported")
+                          f"(LlamaForCausalLM) and 'mixtral' (MixtralForCausalLM) are supported")
     heads, hidden = hf["num_attention_heads"], hf["hidden_size"]
     problems = []
     if hf.get("hidden_act", "silu") != "silu":
@@ -63,9 +64,18 @@ def llama_model_section(hf: dict) -> dict:
         problems.append("attention_bias / mlp_bias (need none)")
     if hf.get("head_dim") not in (None, hidden // heads):
         problems.append(f"head_dim={hf['head_dim']} (need hidden_size / num_attention_heads)")
+    if hf.get("sliding_window") not in (None, 0):
+        problems.append(f"sliding_window={hf['sliding_window']} (need none: full attention)")
     if problems:
-        raise ConfigError("cannot import this Llama: " + "; ".join(problems))
+        raise ConfigError(f"cannot import this {hf['model_type']}: " + "; ".join(problems))
+    moe = {}
+    if hf["model_type"] == "mixtral":  # every layer MoE, top-k then softmax (docs/moe.md)
+        moe = {"moe": {"num_experts": hf["num_local_experts"],
+                       "top_k": hf["num_experts_per_tok"],
+                       "ffn_hidden_size": hf["intermediate_size"],
+                       "aux_loss_coeff": float(hf.get("router_aux_loss_coef", 0.0))}}
     return {
+        **moe,
         "num_layers": hf["num_hidden_layers"], "hidden_size": hidden,
         "num_attention_heads": heads,
         "num_query_groups": hf.get("num_key_value_heads") or heads,
@@ -156,7 +166,7 @@ def import_hf_llama(hf_dir: str | Path, out_dir: str | Path,
                                cfg.parallel.tensor)
     model = build_single_model(single_process_config(cfg), padded)
     shape = MapShape.of(cfg.model, cfg.model.vocab_size, padded)
-    hf_state = load_safetensors_dir(hf_dir)
+    hf_state = mixtral_published_names(load_safetensors_dir(hf_dir))
     if cfg.model.tie_embeddings:
         hf_state.pop("lm_head.weight", None)  # a tied copy some writers keep
     backbone_names = [n for n in _backbone_names(cfg) if not n.startswith("mtp.")]
@@ -178,18 +188,46 @@ def import_hf_llama(hf_dir: str | Path, out_dir: str | Path,
     return path, report
 
 
+def mixtral_published_names(hf_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Mixtral experts under their published names (``block_sparse_moe.experts.{e}.w1/w2/w3``,
+    ``block_sparse_moe.gate``), also when a writer stored transformers 5's fused layout
+    (``mlp.experts.gate_up_proj`` ``[E, 2F, D]``, ``mlp.experts.down_proj`` ``[E, D, F]``,
+    ``mlp.gate``)."""
+    out = {}
+    for name, tensor in hf_state.items():
+        prefix, _, rest = name.partition(".mlp.")
+        if rest == "experts.gate_up_proj":
+            for e, fused in enumerate(tensor):
+                gate, up = fused.chunk(2, dim=0)
+                out[f"{prefix}.block_sparse_moe.experts.{e}.w1.weight"] = gate
+                out[f"{prefix}.block_sparse_moe.experts.{e}.w3.weight"] = up
+        elif rest == "experts.down_proj":
+            for e, down in enumerate(tensor):
+                out[f"{prefix}.block_sparse_moe.experts.{e}.w2.weight"] = down
+        elif rest == "gate.weight":
+            out[f"{prefix}.block_sparse_moe.gate.weight"] = tensor
+        else:
+            out[name] = tensor
+    return out
+
+
 def _backbone_names(cfg: Config) -> list[str]:
-    """Megatron names of the backbone (``m = n = 1``, no MTP) with this shape."""
+    """Megatron names of the backbone (``m = n = 1``, no MTP) with this shape; MoE layers hold
+    the router and every expert."""
     model = cfg.model
     names = ["embedding.word_embeddings.weight", "decoder.final_layernorm.weight"]
     if not model.tie_embeddings:
         names.append("output_layer.weight")
+    mlp = ["mlp.linear_fc1.weight", "mlp.linear_fc2.weight"]
+    if model.moe.enabled:
+        mlp = ["mlp.router.weight"] + [f"mlp.experts.local_experts.{e}.{linear}.weight"
+                                       for e in range(model.moe.num_experts)
+                                       for linear in ("linear_fc1", "linear_fc2")]
     for i in range(model.num_layers):
         prefix = f"decoder.layers.{i}."
         names += [prefix + s for s in (
             "input_layernorm.weight", "self_attention.linear_qkv.weight",
-            "self_attention.linear_proj.weight", "pre_mlp_layernorm.weight",
-            "mlp.linear_fc1.weight", "mlp.linear_fc2.weight")]
+            "self_attention.linear_proj.weight", "pre_mlp_layernorm.weight", *mlp)]
     return names
 
 

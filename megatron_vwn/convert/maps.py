@@ -1,4 +1,5 @@
-"""The key maps: megatron-vwn's ``GPTModel`` names -> ``LlamaForCausalLM`` and ``VWNForCausalLM``.
+"""The key maps: megatron-vwn's ``GPTModel`` names -> ``LlamaForCausalLM``,
+``MixtralForCausalLM`` and ``VWNForCausalLM``.
 
 Megatron names are those of the single-process model on the local spec (checkpoints store the
 same tensors under Transformer Engine names; loading through :mod:`.megatron_io` resolves that).
@@ -37,8 +38,29 @@ class MapShape:
                    padded_vocab=padded_vocab)
 
 
+def mixtral_moe_rules(megatron: str, hf: str) -> list[Rule]:
+    """Megatron-Core's ``MoELayer`` (``SequentialMLP`` experts) <-> Mixtral's sparse MoE block
+    in its published layout (router ``gate``, expert ``{e}``: ``w1`` gate, ``w3`` up, ``w2``
+    down; transformers 5 fuses the experts on load)."""
+    experts = f"{megatron}mlp.experts.local_experts.{{e}}."
+    shared = f"{hf}block_sparse_moe.shared_expert."
+    return [
+        Rule(f"{megatron}mlp.router.weight", (f"{hf}block_sparse_moe.gate.weight",)),
+        # beyond Mixtral (VWNForCausalLM only): DeepSeek-V3's expert bias, the shared expert
+        Rule(f"{megatron}mlp.router.expert_bias", (f"{hf}block_sparse_moe.gate.expert_bias",)),
+        Rule(f"{megatron}mlp.shared_experts.linear_fc1.weight",
+             (f"{shared}gate_proj.weight", f"{shared}up_proj.weight"), FusedGateUp()),
+        Rule(f"{megatron}mlp.shared_experts.linear_fc2.weight", (f"{shared}down_proj.weight",)),
+        Rule(f"{experts}linear_fc1.weight", (f"{hf}block_sparse_moe.experts.{{e}}.w1.weight",
+                                             f"{hf}block_sparse_moe.experts.{{e}}.w3.weight"),
+             FusedGateUp()),
+        Rule(f"{experts}linear_fc2.weight", (f"{hf}block_sparse_moe.experts.{{e}}.w2.weight",)),
+    ]
+
+
 def layer_rules(megatron: str, hf: str, shape: MapShape, ghc: bool) -> list[Rule]:
-    """One transformer layer: ``megatron`` and ``hf`` are the layer prefixes (with ``.``)."""
+    """One transformer layer: ``megatron`` and ``hf`` are the layer prefixes (with ``.``); its
+    MLP dense (Llama names) or MoE (Mixtral names), whichever the model holds."""
     qkv = FusedQKV(shape.heads, shape.groups, shape.head_dim)
     rules = [
         Rule(f"{megatron}input_layernorm.weight", (f"{hf}input_layernorm.weight",)),
@@ -50,6 +72,7 @@ def layer_rules(megatron: str, hf: str, shape: MapShape, ghc: bool) -> list[Rule
         Rule(f"{megatron}mlp.linear_fc1.weight",
              (f"{hf}mlp.gate_proj.weight", f"{hf}mlp.up_proj.weight"), FusedGateUp()),
         Rule(f"{megatron}mlp.linear_fc2.weight", (f"{hf}mlp.down_proj.weight",)),
+        *mixtral_moe_rules(megatron, hf),
     ]
     if ghc:
         for ours, theirs in (("attention_ghc", "attn_ghc"), ("mlp_ghc", "mlp_ghc")):
@@ -83,7 +106,9 @@ def mtp_rules(shape: MapShape) -> list[Rule]:
 
 
 def llama_rules(shape: MapShape) -> list[Rule]:
-    """Backbone -> ``LlamaForCausalLM`` (MTP depths -> ``mtp.{k}.*``, stored beside it)."""
+    """Backbone -> ``LlamaForCausalLM``, or ``MixtralForCausalLM`` for a plain MoE backbone
+    (the same names, each MLP as Mixtral's sparse MoE block; MTP depths -> ``mtp.{k}.*``, stored
+    beside it)."""
     vocab = VocabRows(shape.vocab, shape.padded_vocab)
     return [
         Rule("embedding.word_embeddings.weight", ("model.embed_tokens.weight",), vocab),

@@ -50,13 +50,16 @@ class LoadedModel:
 
 
 def single_process_config(raw: dict | Config, precision: str = "fp32") -> Config:
-    """``raw`` (a saved ``config.yaml`` mapping or a Config) at TP = PP = 1 on the local spec."""
+    """``raw`` (a saved ``config.yaml`` mapping or a Config) at TP = PP = EP = 1 on the local
+    spec."""
     cfg = copy.deepcopy(raw) if isinstance(raw, Config) else from_dict(copy.deepcopy(raw))
     cfg.parallel.tensor = 1
     cfg.parallel.pipeline = 1
     cfg.parallel.virtual_pipeline = None
     cfg.parallel.sequence_parallel = False
     cfg.parallel.distributed_optimizer = False
+    cfg.parallel.expert = 1
+    cfg.parallel.expert_tensor = None
     cfg.model.transformer_impl = "local"
     cfg.model.hidden_dropout = 0.0
     cfg.model.attention_dropout = 0.0
@@ -74,7 +77,6 @@ def ensure_single_process_world(seed: int = 1234) -> None:
     from megatron.core import parallel_state
 
     from megatron_vwn.launch.env import free_port
-    from megatron_vwn.model.mcore_compat import define_missing_te_gemm
     from megatron_vwn.parallel.cpu import enable_cpu_support
     from megatron_vwn.parallel.distributed import set_seed
 
@@ -83,7 +85,6 @@ def ensure_single_process_world(seed: int = 1234) -> None:
             "conversion runs on the CPU: hide the GPUs (CUDA_VISIBLE_DEVICES= ; the "
             "megatron-vwn convert command does this itself)")
     enable_cpu_support()
-    define_missing_te_gemm()
     if torch.distributed.is_initialized():
         if torch.distributed.get_world_size() != 1:
             raise RuntimeError("conversion runs in one process; start it without torchrun")

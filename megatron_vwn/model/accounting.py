@@ -16,20 +16,42 @@ class ParamCounts:
     """Transformer layers and the final norm."""
     other: int = 0
     """Everything else: virtual-width extras (GHC modules, W_expand, GroupNorm, W_reduce)."""
+    inactive: int = 0
+    """Routed-expert parameters one token does not use: ``num_experts - top_k`` experts of
+    every MoE layer (0 for a dense model)."""
 
     @property
     def total(self) -> int:
         return self.embedding + self.backbone + self.other
 
+    @property
+    def active(self) -> int:
+        """Parameters one token uses (the total of a dense model)."""
+        return self.total - self.inactive
 
-def layer_params(model: ModelConfig) -> int:
-    """One Llama-style layer: QKV + output projection, SwiGLU MLP, two RMSNorm gains."""
+
+def layer_params(model: ModelConfig, moe_layer: bool = False, active: bool = False) -> int:
+    """One Llama-style layer: QKV + output projection, SwiGLU MLP, two RMSNorm gains.
+
+    ``moe_layer``: the MLP is an MoE layer (docs/moe.md): router ``E D``, ``E`` SwiGLU experts
+    of width ``F_e`` and the shared expert (width ``F_s``), ``3 D (E F_e + F_s)``; ``active``
+    counts the ``top_k`` experts one token uses instead of all ``E``."""
     d = model.hidden_size
     head_dim = d // model.num_attention_heads
     qkv = d * head_dim * (model.num_attention_heads + 2 * model.query_groups)
     proj = model.num_attention_heads * head_dim * d
     mlp = 3 * d * model.ffn_size
+    if moe_layer:
+        moe = model.moe
+        experts = moe.top_k if active else moe.num_experts
+        width = experts * moe.expert_ffn_size(model.ffn_size) + moe.shared_expert_ffn_hidden_size
+        mlp = moe.num_experts * d + 3 * d * width
     return qkv + proj + mlp + 2 * d
+
+
+def moe_layer_count(model: ModelConfig) -> int:
+    """Decoder layers whose MLP is MoE (all but the first ``model.moe.dense_layers``)."""
+    return model.num_layers - model.moe.dense_layers if model.moe.enabled else 0
 
 
 def ghc_params(vwn: VwnConfig, hidden_size: int) -> int:
@@ -87,8 +109,12 @@ def count_params(model: ModelConfig, vocab_size: int) -> ParamCounts:
         if vwn.connection == "ghc" and wide > d:
             other += wide * d + (2 * wide if vwn.use_group_norm else 0)  # W_reduce, GroupNorm
     embedding = vocab_size * table + (0 if model.tie_embeddings else vocab_size * d)
-    backbone = model.num_layers * layer_params(model) + d
-    return ParamCounts(embedding=embedding, backbone=backbone, other=other)
+    moe_layers = moe_layer_count(model)
+    backbone = ((model.num_layers - moe_layers) * layer_params(model)
+                + moe_layers * layer_params(model, moe_layer=True) + d)
+    inactive = moe_layers * (layer_params(model, moe_layer=True)
+                             - layer_params(model, moe_layer=True, active=True))
+    return ParamCounts(embedding=embedding, backbone=backbone, other=other, inactive=inactive)
 
 
 def ghc_flops_per_token(vwn: VwnConfig, hidden_size: int) -> int:
@@ -139,10 +165,12 @@ def _reduce_forward_flops(vwn: VwnConfig, hidden_size: int) -> int:
     return 2 * wide * hidden_size if vwn.connection == "ghc" and wide > hidden_size else 0
 
 
-def _layer_forward_flops(model: ModelConfig) -> int:
-    """Forward FLOPs per token of one transformer layer's matmuls and attention products."""
+def _layer_forward_flops(model: ModelConfig, moe_layer: bool = False) -> int:
+    """Forward FLOPs per token of one transformer layer's matmuls and attention products (an
+    MoE layer: the router and the ``top_k`` experts a token goes to, plus the shared expert)."""
     d = model.hidden_size
-    return 2 * (layer_params(model) - 2 * d) + 4 * model.seq_length * d
+    weights = layer_params(model, moe_layer=moe_layer, active=True) - 2 * d
+    return 2 * weights + 4 * model.seq_length * d
 
 
 def mtp_flops_per_token(model: ModelConfig, vocab_size: int) -> int:
@@ -155,7 +183,8 @@ def mtp_flops_per_token(model: ModelConfig, vocab_size: int) -> int:
         return 0
     vwn, d = model.vwn, model.hidden_size
     mixer = 4 * (d // vwn.m) * virtual_width(vwn, d)  # the backbone's m = n = 1: 4 D^2
-    forward = _layer_forward_flops(model) + 2 * vocab_size * d + mixer
+    # Megatron-Core builds an MTP layer with the decoder's last layer spec: MoE on an MoE model.
+    forward = _layer_forward_flops(model, moe_layer=model.moe.enabled) + 2 * vocab_size * d + mixer
     if vwn.enabled:
         forward += layer_connection_flops_per_token(vwn, d) + _reduce_forward_flops(vwn, d)
     return 3 * depths * forward
@@ -166,9 +195,14 @@ def flops_per_token(model: ModelConfig, vocab_size: int) -> int:
 
     Forward: 2 FLOPs per weight of every matrix multiply (layers and LM head, not the table
     lookup) plus attention's two ``s x s`` products, ``2 * 2 * s * D`` per layer (no causal
-    discount, as in Megatron-LM's reported throughput).
+    discount, as in Megatron-LM's reported throughput). MoE layers count the weights a token
+    is routed through (active FLOPs: router, ``top_k`` experts, shared expert); with
+    ``capacity_factor`` the dropped tokens' expert FLOPs are still counted.
     """
-    forward = model.num_layers * _layer_forward_flops(model) + 2 * vocab_size * model.hidden_size
+    moe_layers = moe_layer_count(model)
+    forward = ((model.num_layers - moe_layers) * _layer_forward_flops(model)
+               + moe_layers * _layer_forward_flops(model, moe_layer=True)
+               + 2 * vocab_size * model.hidden_size)
     return 3 * forward + vwn_flops_per_token(model) + mtp_flops_per_token(model, vocab_size)
 
 
@@ -180,8 +214,9 @@ def format_summary(model: ModelConfig, vocab_size: int) -> str:
     def m(x: int) -> str:
         return f"{x / 1e6:.2f}M"
 
+    active = f" (active {m(counts.active)})" if counts.inactive else ""
     text = (
-        f"parameters: total {m(counts.total)} | embedding {m(counts.embedding)} | "
+        f"parameters: total {m(counts.total)}{active} | embedding {m(counts.embedding)} | "
         f"backbone {m(counts.backbone)} | other {m(counts.other)} | "
         f"training FLOPs/token {flops / 1e6:.2f}M"
     )

@@ -14,6 +14,8 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron_vwn.config.schema import Config
 from megatron_vwn.model.layout import initialize_layout_invariant
 from megatron_vwn.model.mcore_compat import GPTModel
+from megatron_vwn.model.moe import tag_routers
+from megatron_vwn.model.moe import transformer_config_fields as moe_fields
 from megatron_vwn.model.mtp import MTPLossRecorder, chain_wide_states
 from megatron_vwn.model.specs import model_specs, resolve_transformer_impl
 from megatron_vwn.model.width.vwn import VWNShape
@@ -97,6 +99,7 @@ def build_transformer_config(cfg: Config) -> TransformerConfig:
         mtp_loss_scaling_factor=model.mtp.loss_weight,
         **recompute_fields(cfg),  # train.recompute*: docs/scale.md
         **fp8_fields(cfg.train),  # train.precision=fp8: docs/scale.md
+        **moe_fields(cfg, resolve_transformer_impl(model.transformer_impl)),
     )
     shape = vwn_shape(cfg)
     if shape is not None and shape.output_init_scale != 1.0:
@@ -137,6 +140,7 @@ def build_model_chunk(
         # Re-tag (and, for tied embeddings or MTP across stages, re-sync) the new embedding.
         model.setup_embeddings_and_output_layer()
         chain_wide_states(model)
+    tag_routers(model)
     if model.mtp_process:
         model.compute_language_model_loss = MTPLossRecorder(
             model.compute_language_model_loss, cfg.model.mtp.num_layers

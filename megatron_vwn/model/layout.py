@@ -1,7 +1,8 @@
 """Layout-independent parameter naming and initialisation.
 
 A parameter's *global name* is its name in the single-process model: on a later pipeline stage
-``decoder.layers.0`` is really layer ``layer_number - 1``. Global names let us
+``decoder.layers.0`` is really layer ``layer_number - 1``, and under expert parallelism local
+expert ``i`` is global expert ``ep_rank x local experts + i``. Global names let us
 
 * initialise every tensor-parallel weight from a generator seeded by ``(seed, global name)`` over
   the full (unsharded) tensor, then keep this rank's shard: the same model at every TP/PP/VPP
@@ -15,8 +16,9 @@ import zlib
 from collections.abc import Callable, Iterator
 
 import torch
-from megatron.core import parallel_state
 from megatron.core.transformer.transformer_config import TransformerConfig
+
+from megatron_vwn.model.moe import global_expert_name, tensor_shard
 
 
 def global_named_parameters(chunk: torch.nn.Module) -> Iterator[tuple[str, torch.nn.Parameter]]:
@@ -30,7 +32,7 @@ def global_named_parameters(chunk: torch.nn.Module) -> Iterator[tuple[str, torch
         prefix = ".".join(name.split(".")[:3]) + "."
         if prefix in renames:
             name = renames[prefix] + name[len(prefix):]
-        yield name, param
+        yield global_expert_name(name, param), param
 
 
 def _init_method_for(name: str, config: TransformerConfig) -> Callable:
@@ -53,8 +55,6 @@ def initialize_layout_invariant(chunks: list[torch.nn.Module], seed: int) -> Non
     stride (SwiGLU's ``[gate_r; up_r]``), so TP layouts agree; what differs across pipeline
     layouts is the RNG position when each layer is built. Seeding per global name removes that.
     """
-    tp_rank = parallel_state.get_tensor_model_parallel_rank()
-    tp_size = parallel_state.get_tensor_model_parallel_world_size()
     for chunk in chunks:
         config = chunk.config
         tied = getattr(chunk, "share_embeddings_and_output_weights", False)
@@ -71,6 +71,7 @@ def initialize_layout_invariant(chunks: list[torch.nn.Module], seed: int) -> Non
             if tied and name == "output_layer.weight":
                 # The last stage's copy of a tied embedding (pipeline > 1) draws the same values.
                 name = "embedding.word_embeddings.weight"
+            tp_rank, tp_size, _ = tensor_shard(param)  # expert-TP for routed experts
             dim = param.partition_dim
             stride = getattr(param, "partition_stride", 1)
             full_shape = list(param.shape)

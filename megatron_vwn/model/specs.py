@@ -29,6 +29,7 @@ from megatron.core.transformer.transformer_block import (
     get_num_layers_to_build,
 )
 from megatron.core.transformer.transformer_config import TransformerConfig
+from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
 
 from megatron_vwn.config.errors import ConfigError
 from megatron_vwn.model.attention import SDPAttention
@@ -55,12 +56,22 @@ def resolve_transformer_impl(impl: str) -> str:
     return impl
 
 
-def backbone_layer_spec(impl: str) -> ModuleSpec:
-    """The spec of one backbone ``TransformerLayer`` for a resolved backend."""
+def backbone_layer_spec(impl: str, num_experts: int | None = None,
+                        grouped_gemm: bool = False) -> ModuleSpec:
+    """The spec of one backbone ``TransformerLayer`` for a resolved backend; with
+    ``num_experts`` its MLP is Megatron-Core's ``MoELayer`` (docs/moe.md)."""
     if impl == "transformer_engine":
-        return get_gpt_layer_with_transformer_engine_spec()
-    spec = get_gpt_layer_local_spec(normalization="RMSNorm")
+        return get_gpt_layer_with_transformer_engine_spec(num_experts=num_experts,
+                                                          moe_grouped_gemm=grouped_gemm)
+    spec = get_gpt_layer_local_spec(num_experts=num_experts, moe_grouped_gemm=grouped_gemm,
+                                    normalization="RMSNorm")
     layer = spec.submodules
+    if num_experts:
+        # The local spec saves the pre-MLP norm as the dense fc1's fused norm; an MoE layer has
+        # no such fc1, and Transformer Engine's MoE spec saves pre_mlp_layernorm.weight: so do we.
+        keys = {key: value for key, value in layer.sharded_state_dict_keys_map.items()
+                if not key.startswith("pre_mlp_layernorm")}
+        layer = dataclasses.replace(layer, sharded_state_dict_keys_map=keys)
     attention = layer.self_attention
     attention = dataclasses.replace(
         attention,
@@ -88,17 +99,25 @@ def model_specs(
 ) -> tuple[TransformerBlockSubmodules, MultiTokenPredictionBlockSubmodules | None]:
     """The decoder block this (virtual) pipeline stage builds, and its MTP block (or None).
 
+    With MoE (``config.num_moe_experts``) the layers ``config.moe_layer_freq`` marks, and the
+    MTP layers, take the MoE layer spec (as DeepSeek-V3's MTP module does); the rest stay dense.
     With ``vwn`` the stock layer spec is patched into a :class:`VWNTransformerLayer` and the
     final norm becomes the reduce ``D' -> D`` followed by the backbone's final norm; the MTP
     layers become VWN-aware.
     """
     layer_spec = backbone_layer_spec(impl)
+    layer_specs = [layer_spec] * config.num_layers
+    if config.num_moe_experts:  # MoE where moe_layer_freq (a 0/1 list) says; MTP layers too
+        layer_spec = backbone_layer_spec(impl, config.num_moe_experts, config.moe_grouped_gemm)
+        layer_specs = [layer_spec if is_moe else layer_specs[0]
+                       for is_moe in config.moe_layer_freq]
     norm = final_norm(impl)
-    block_layer, block_norm = layer_spec, norm
+    block_norm = norm
     if vwn is not None:
-        block_layer = vwn_layer_spec(layer_spec, vwn)
+        layer_specs = [vwn_layer_spec(spec, vwn) for spec in layer_specs]
         block_norm = ModuleSpec(module=VWNFinalNorm, params={"vwn": vwn, "final_norm": norm})
+    offset = get_transformer_layer_offset(config, vp_stage=vp_stage)
     num_layers = get_num_layers_to_build(config, vp_stage=vp_stage)
-    block = TransformerBlockSubmodules(layer_specs=[block_layer] * num_layers,
+    block = TransformerBlockSubmodules(layer_specs=layer_specs[offset:offset + num_layers],
                                        layer_norm=block_norm)
     return block, mtp_block_spec(config, impl, layer_spec, norm, vwn, vp_stage)

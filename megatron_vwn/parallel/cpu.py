@@ -53,13 +53,16 @@ class _CudaToCpu(TorchFunctionMode):
 
 
 class _NoopStream:
-    """Stands in for ``torch.cuda.Stream``/``Event`` (DDP's communication stream, MoE dispatch)."""
+    """Stands in for ``torch.cuda.Stream``/``Event`` (DDP's communication stream, MoE dispatch).
+
+    Every method is a no-op that returns another stand-in, so chained calls such as the MoE
+    dispatcher's ``stream.record_event().synchronize()`` work too."""
 
     def __init__(self, *args, **kwargs):
         pass
 
     def __getattr__(self, name):
-        return lambda *args, **kwargs: None
+        return lambda *args, **kwargs: _NoopStream()
 
 
 class CPURNGStatesTracker:
@@ -109,6 +112,49 @@ class CPURNGStatesTracker:
             torch.set_rng_state(outer)
 
 
+def _host_copy(tensor, as_numpy: bool = False, record_stream: bool = False):
+    """Megatron-Core's ``maybe_move_tensor_to_cpu`` for tensors already on the CPU."""
+    if as_numpy and torch.is_tensor(tensor):
+        return tensor.numpy()
+    return tensor
+
+
+def _uneven_collectives() -> None:
+    """gloo's ``all_gather`` needs equal shapes and it has no list ``reduce_scatter``; the MoE
+    dispatcher under expert tensor parallelism gathers and reduce-scatters the routed tokens in
+    uneven pieces (one per rank, as many rows as it routed). Equal pieces keep gloo's
+    collectives; uneven ones go through padding (gather) and a sum of the whole (scatter)."""
+    import torch.distributed as dist
+
+    gather, reduce_scatter = dist.all_gather, dist.reduce_scatter
+
+    def all_gather(tensor_list, tensor, group=None, async_op=False):
+        if async_op or len({t.shape for t in tensor_list} | {tensor.shape}) == 1:
+            return gather(tensor_list, tensor, group=group, async_op=async_op)
+        rows = max(t.shape[0] for t in tensor_list)
+        padded = tensor.new_zeros((rows, *tensor.shape[1:]))
+        padded[:tensor.shape[0]] = tensor
+        pieces = [torch.empty_like(padded) for _ in tensor_list]
+        gather(pieces, padded, group=group)
+        for out, piece in zip(tensor_list, pieces, strict=True):
+            out.copy_(piece[:out.shape[0]])
+        return None
+
+    def reduce_scatter_list(output, input_list, op=dist.ReduceOp.SUM, group=None,
+                            async_op=False):
+        if async_op or op != dist.ReduceOp.SUM:
+            return reduce_scatter(output, input_list, op=op, group=group, async_op=async_op)
+        whole = torch.cat([t.reshape(t.shape[0], -1) for t in input_list])
+        dist.all_reduce(whole, group=group)
+        rank = dist.get_rank(group)
+        start = sum(t.shape[0] for t in input_list[:rank])
+        output.copy_(whole[start:start + output.shape[0]].reshape(output.shape))
+        return None
+
+    dist.all_gather = all_gather
+    dist.reduce_scatter = reduce_scatter_list
+
+
 def enable_cpu_support() -> None:
     """Apply every CPU workaround once; a no-op when CUDA is available."""
     global _enabled
@@ -144,4 +190,11 @@ def enable_cpu_support() -> None:
     mp_random._get_cuda_rng_state = lambda *args, **kwargs: None
     mp_random._set_cuda_rng_state = lambda *args, **kwargs: None
 
+    # The MoE all-to-all dispatcher turns its split sizes into host (numpy) arrays only when
+    # they are CUDA tensors; CPU tensors stay tensors, which all_to_all_single refuses.
+    from megatron.core.transformer.moe import token_dispatcher
+
+    if hasattr(token_dispatcher, "maybe_move_tensor_to_cpu"):
+        token_dispatcher.maybe_move_tensor_to_cpu = _host_copy
+    _uneven_collectives()
     logger.debug("Megatron-Core CPU support enabled")

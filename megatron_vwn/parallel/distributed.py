@@ -12,20 +12,19 @@ from megatron.core import parallel_state, tensor_parallel
 
 from megatron_vwn.config.schema import Config
 from megatron_vwn.launch.env import DistEnv
-from megatron_vwn.model.mcore_compat import define_missing_te_gemm
 from megatron_vwn.parallel.cpu import cpu_mode, enable_cpu_support
 from megatron_vwn.parallel.watchdog import default_timeout_s, start_watchdog, stop_watchdog
 
 
 def initialize_distributed(cfg: Config, dist: DistEnv, on_lost=None) -> None:
-    """Create the world (NCCL on GPU, gloo on CPU), then TP/PP/DP groups, then seed RNGs.
+    """Create the world (NCCL on GPU, gloo on CPU), then TP/PP/DP (and expert) groups, then seed
+    RNGs.
 
     Collectives time out after ``parallel.timeout_s``, and every rank starts the watchdog that
     ends the job naming a rank that died or hangs (``parallel/watchdog.py``); ``on_lost``
     completes its message (e.g. with the latest checkpoint).
     """
     enable_cpu_support()
-    define_missing_te_gemm()  # MoE routing without Transformer Engine, on CPU and GPU alike
     if not cpu_mode():
         torch.cuda.set_device(dist.local_rank)
     timeout_s = default_timeout_s(cfg.parallel.timeout_s)
@@ -45,6 +44,8 @@ def initialize_distributed(cfg: Config, dist: DistEnv, on_lost=None) -> None:
         tensor_model_parallel_size=par.tensor,
         pipeline_model_parallel_size=par.pipeline,
         virtual_pipeline_model_parallel_size=par.virtual_pipeline if par.vpp > 1 else None,
+        expert_model_parallel_size=par.expert,
+        expert_tensor_parallel_size=par.etp,
     )
     set_seed(cfg.train.seed)
 

@@ -5,6 +5,8 @@
 rows ``lr``, ``grad_norm``, ``iter_time_s`` and ``tokens_per_s``. With multi-token prediction
 both kinds of row add ``mtp_loss_1`` ... ``mtp_loss_K``. With ``analysis.interaction_interval``
 there are also ``split: "analysis"`` rows (see :mod:`megatron_vwn.analysis.interaction_hook`).
+Mixture-of-experts runs add ``moe_*`` keys to training rows
+(:mod:`megatron_vwn.training.moe_metrics`).
 Keys are added, never renamed.
 """
 
@@ -18,6 +20,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from megatron_vwn.training.tensorboard import scalars
+
 logger = logging.getLogger(__name__)
 
 
@@ -25,6 +29,18 @@ def _mtp_text(row: dict[str, Any]) -> str:
     """`` | mtp1 5.123 | mtp2 5.456`` for the multi-token-prediction depths in a row."""
     depths = sorted(int(k.rsplit("_", 1)[1]) for k in row if k.startswith("mtp_loss_"))
     return "".join(f" | mtp{k} {row[f'mtp_loss_{k}']:.4f}" for k in depths)
+
+
+def _moe_text(row: dict[str, Any]) -> str:
+    """`` | moe aux 1.012 imb 1.31`` (plus ``drop``, ``bias``) for a mixture-of-experts row."""
+    if "moe_aux_loss" not in row:
+        return ""
+    text = f" | moe aux {row['moe_aux_loss']:.3f} imb {row['moe_load_imbalance']:.2f}"
+    if "moe_dropped_fraction" in row:
+        text += f" drop {row['moe_dropped_fraction']:.3f}"
+    if "moe_expert_bias_abs" in row:
+        text += f" bias {row['moe_expert_bias_abs']:.2e}"
+    return text
 
 
 def _clock(seconds: float) -> str:
@@ -77,9 +93,10 @@ class MetricsWriter:
         remaining = self.total_iters - row["iteration"]
         eta = elapsed / done * remaining if done > 0 else math.nan
         logger.info(
-            "iter %d/%d | loss %.4f%s | lr %.3e | grad %.3f | %.0f tok/s | %.3f s/it | "
+            "iter %d/%d | loss %.4f%s%s | lr %.3e | grad %.3f | %.0f tok/s | %.3f s/it | "
             "elapsed %s | eta %s",
-            row["iteration"], self.total_iters, row["lm_loss"], _mtp_text(row), row["lr"],
+            row["iteration"], self.total_iters, row["lm_loss"], _mtp_text(row), _moe_text(row),
+            row["lr"],
             row["grad_norm"] if row["grad_norm"] is not None else math.nan,
             row["tokens_per_s"], row["iter_time_s"], _clock(elapsed),
             _clock(eta) if eta == eta else "?",
@@ -104,11 +121,7 @@ class MetricsWriter:
     def _write(self, row: dict[str, Any]) -> None:
         self._file.write(json.dumps(row) + "\n")
         if self._wandb is not None:
-            prefix = row["split"]
-            self._wandb.log(
-                {f"{prefix}/{k}": v for k, v in row.items() if k not in ("split", "iteration")},
-                step=row["iteration"],
-            )
+            self._wandb.log(scalars(row), step=row["iteration"])
         if self._tensorboard is not None:
             self._tensorboard.write(row)
 

@@ -2,7 +2,7 @@
 
 The rows of ``metrics.jsonl`` become scalars tagged ``SPLIT/KEY`` (``train/lm_loss``,
 ``train/lr``, ``valid/mtp_loss_1``, ``analysis/aofe_ratio_agop``, ...) at step ``iteration``:
-the tags wandb gets, so the two loggers show the same curves. Events go to
+the tags wandb gets (:func:`scalars` serves both), so the two loggers show the same curves. Events go to
 ``RUN_DIR/tensorboard/`` through ``torch.utils.tensorboard`` (which needs the ``tensorboard``
 package); a resumed run appends a new event file there and TensorBoard merges them.
 """
@@ -27,10 +27,20 @@ def check_tensorboard_available() -> None:
 
 
 def scalars(row: dict[str, Any]) -> dict[str, float]:
-    """The numeric entries of a metrics row, tagged ``SPLIT/KEY`` (booleans as 0/1)."""
+    """The numeric entries of a metrics row, tagged ``SPLIT/KEY`` (booleans as 0/1); a list of
+    per-layer values (MoE routing) becomes one tag per layer, ``SPLIT/KEY/LAYER``. wandb gets
+    the same tags (``training/metrics.py``)."""
     prefix = row["split"]
-    return {f"{prefix}/{key}": float(value) for key, value in row.items()
-            if key not in SKIPPED and isinstance(value, (int, float))}
+    tagged = {}
+    for key, value in row.items():
+        if key in SKIPPED:
+            continue
+        if isinstance(value, list):
+            tagged.update({f"{prefix}/{key}/{i}": float(v) for i, v in enumerate(value)
+                           if isinstance(v, (int, float))})
+        elif isinstance(value, (int, float)):
+            tagged[f"{prefix}/{key}"] = float(value)
+    return tagged
 
 
 class TensorBoardWriter:

@@ -45,6 +45,7 @@ from megatron_vwn.training.faults import (
 )
 from megatron_vwn.training.lifetime import STOP_GRACE_S, StopDeadline, tie_forked_children
 from megatron_vwn.training.metrics import MetricsWriter
+from megatron_vwn.training.moe_metrics import MoEMonitor
 from megatron_vwn.training.optim import build_optimizer, use_distributed_optimizer
 from megatron_vwn.training.run_lease import RunLease, check_run_dir_free
 from megatron_vwn.training.schedule import build_scheduler
@@ -142,6 +143,7 @@ class Trainer:
             forward_step=ForwardStep(cfg.model.mtp.num_layers, self.tokenizer.eod),
             adjust_tensor_shapes_fn=tensor_shape_adjuster(cfg),
         )
+        self.moe_monitor = MoEMonitor(self.model, cfg.model, self.layout.num_microbatches)
         self.flops_per_token = flops_per_token(cfg.model, self.vocab_size)
         logger.info("model: %s", format_summary(cfg.model, self.vocab_size))
         logger.info(
@@ -150,6 +152,13 @@ class Trainer:
             dist.world_size, cfg.parallel.tensor, cfg.parallel.pipeline, cfg.parallel.vpp,
             self.layout.data_parallel, self.layout.num_microbatches, cfg.train.micro_batch_size,
         )
+        if cfg.model.moe.enabled:
+            par = cfg.parallel
+            logger.info("experts: world %d = expert-tensor %d x expert %d x pipeline %d x "
+                        "expert-data %d | %d experts per rank", dist.world_size, par.etp,
+                        par.expert, par.pipeline,
+                        dist.world_size // (par.etp * par.expert * par.pipeline),
+                        cfg.model.moe.num_experts // par.expert)
         resumed = self.checkpoints.resume(self.model, self.optimizer, self.scheduler)
         self.iteration = resumed.iteration
         self.consumed_valid_samples = resumed.consumed_valid_samples
@@ -269,6 +278,7 @@ class Trainer:
                     "tflops_per_s_per_rank":
                         tokens_per_s * self.flops_per_token / self.dist.world_size / 1e12,
                     "skipped": result.skipped,
+                    **self.moe_monitor.collect(steps=len(window)),
                 }, start_iteration=start)
                 window.clear()
             self.nan_policy.check(self.iteration, result.lm_loss, result.skipped,

@@ -63,6 +63,7 @@ def compute_logits(trainer: Trainer) -> torch.Tensor | None:
             micro_batch_size=cfg.train.micro_batch_size,
             forward_only=True,
             collect_non_loss_data=True,
+            adjust_tensor_shapes_fn=trainer.schedule.adjust_tensor_shapes_fn,  # wide states
         )
     if not parallel_state.is_pipeline_last_stage(ignore_virtual=True):
         return None

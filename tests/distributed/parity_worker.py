@@ -14,24 +14,23 @@ import sys
 from pathlib import Path
 
 import torch
-from megatron.core import parallel_state
 
 from megatron_vwn.config import load_config, validate
 from megatron_vwn.launch.env import resolve_dist_env
 from megatron_vwn.model.layout import global_named_parameters
+from megatron_vwn.model.moe import tensor_shard
 from megatron_vwn.parallel.distributed import destroy_distributed
 from megatron_vwn.training.trainer import Trainer
 
 
 def full_tensor(tensor: torch.Tensor, param: torch.nn.Parameter) -> torch.Tensor:
-    """Undo tensor-parallel sharding (including SwiGLU's stride-2 ``[gate_r; up_r]`` layout)."""
-    tp = parallel_state.get_tensor_model_parallel_world_size()
+    """Undo tensor-parallel sharding (including SwiGLU's stride-2 ``[gate_r; up_r]`` layout;
+    routed experts are sharded over expert-TP, not TP)."""
+    _, tp, group = tensor_shard(param)
     if tp == 1 or not getattr(param, "tensor_model_parallel", False):
         return tensor.clone()
     parts = [torch.empty_like(tensor) for _ in range(tp)]
-    torch.distributed.all_gather(
-        parts, tensor.contiguous(), group=parallel_state.get_tensor_model_parallel_group()
-    )
+    torch.distributed.all_gather(parts, tensor.contiguous(), group=group)
     dim, stride = param.partition_dim, getattr(param, "partition_stride", 1)
     pieces = [torch.chunk(part, stride, dim=dim) for part in parts]
     return torch.cat([pieces[r][s] for s in range(stride) for r in range(tp)], dim=dim)

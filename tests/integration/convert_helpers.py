@@ -25,7 +25,7 @@ BASE = [
 ]
 VWN = ["model.vwn.m=2", "model.vwn.n=8"]  # r = 4: d_b = 32, D' = 256
 LAYOUTS = {"tp2": ["parallel.tensor=2", "parallel.sequence_parallel=true"],
-           "pp2": ["parallel.pipeline=2"]}
+           "pp2": ["parallel.pipeline=2"], "ep2": ["parallel.expert=2"]}
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 
 

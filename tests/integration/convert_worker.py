@@ -3,8 +3,8 @@ trained weights under global names, TP-gathered, for comparison with what conver
 
     python tests/integration/convert_worker.py OUT_FILE_PREFIX key=value ...
 
-Writes ``OUT_FILE_PREFIX-pp{rank}.pt`` from the first tensor- and data-parallel rank of every
-pipeline stage (outside any export directory).
+Writes ``OUT_FILE_PREFIX-pp{stage}-ep{rank}.pt`` from the first tensor- and (expert-)data-
+parallel rank of every pipeline stage and expert-parallel rank (outside any export directory).
 """
 
 from __future__ import annotations
@@ -34,9 +34,11 @@ def main() -> None:
                    for chunk in trainer.model
                    for name, param in global_named_parameters(chunk.module)}
         if (parallel_state.get_tensor_model_parallel_rank() == 0
-                and parallel_state.get_data_parallel_rank() == 0):
+                and parallel_state.get_expert_tensor_parallel_rank() == 0
+                and parallel_state.get_expert_data_parallel_rank() == 0):
             stage = parallel_state.get_pipeline_model_parallel_rank()
-            torch.save(weights, f"{prefix}-pp{stage}.pt")
+            expert = parallel_state.get_expert_model_parallel_rank()
+            torch.save(weights, f"{prefix}-pp{stage}-ep{expert}.pt")
     finally:
         trainer.close()
         destroy_distributed()

@@ -66,6 +66,17 @@ def test_bench_vwn_json_lines():
     assert rows[4]["activation_ratio"] < rows[1]["activation_ratio"]
 
 
+def test_bench_vwn_over_an_moe_backbone():
+    """``--moe 4,2``: the width members over Megatron-Core's MoE layer (docs/moe.md)."""
+    out = _run("bench_vwn.py", "--hidden", "64", "--seq", "16", "--vocab", "64", "--layers", "1",
+               "--rounds", "1", "--steps", "1", "--layer-reps", "1", "--json", "--kernel", "torch",
+               "--moe", "4,2", "--variants", "backbone", "8x (8,64)", "mHC n=4")
+    rows = [json.loads(line) for line in out.strip().splitlines()]
+    assert [(r["variant"], r["moe_experts"], r["moe_top_k"]) for r in rows] == [
+        ("backbone", 4, 2), ("8x (8,64)", 4, 2), ("mHC n=4", 4, 2)]
+    assert rows[0]["step_ratio"] == 1.0 and rows[1]["activation_ratio"] > 1.0
+
+
 def test_bench_step_prints_one_json_ratio():
     out = _run("bench_step.py", "--layers", "1", "--hidden", "64", "--heads", "4",
                "--groups", "2", "--seq", "32", "--mbs", "1", "--vocab", "128", "--steps", "1",

@@ -1,6 +1,6 @@
 """``megatron-vwn profile``: DeepSpeed's FLOPs profiler on the built model agrees with
 ``model/accounting.py`` within 5% (forward FLOPs per token; accounting's training FLOPs / 3) for
-the backbone, VWN 2x and 8x and MTP models (the whole model, and the MTP heads' share alone),
+the backbone, VWN 2x and 8x, MTP and MoE models (the whole model, and the MTP heads' share alone),
 and names the parts a reader looks for."""
 
 from __future__ import annotations
@@ -24,6 +24,8 @@ def _profile(*args: str) -> dict:
 @pytest.mark.parametrize("config,extra", [
     ("tiny", []), ("vwn/tiny_2x", []), ("vwn/tiny_8x", []), ("mtp/tiny_mtp1", []),
     ("vwn/tiny_8x", ["model.mtp.num_layers=1"]),
+    # mixture of experts (docs/moe.md): active FLOPs (router, top-k and shared experts)
+    ("moe/tiny_deepseek", []), ("moe/tiny_8x", []),
 ])
 def test_profiler_flops_match_the_accounting(config, extra):
     result = _profile(config, "model.num_layers=2", *extra)

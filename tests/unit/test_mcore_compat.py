@@ -83,7 +83,7 @@ def test_a_newer_format_checkpoint_is_refused_in_one_line(tmp_path):
 
 def test_moe_router_gemm_runs_without_transformer_engine(monkeypatch):
     """Without TE, 0.16.1's router GEMM reads a name only TE defines; after
-    ``define_missing_te_gemm`` (called by ``initialize_distributed`` on CPU and GPU alike) it
+    ``define_missing_te_gemm`` (run when ``mcore_compat`` is imported, on CPU and GPU alike) it
     takes the plain matmul path."""
     from megatron.core.transformer.moe import moe_utils
 

@@ -289,48 +289,6 @@ def test_shipped_family_configs_are_valid(name):
     assert count_params(cfg.model, 32000).other > 0
 
 
-@pytest.mark.parametrize("vwn", [["model.vwn.m=2", "model.vwn.n=4"], MHC4, ALTUP2],
-                         ids=["ghc", "mhc4", "altup2"])
-def test_moe_mlp_takes_the_same_spec_patch_and_trains_a_step(single_process, vwn):
-    """The project has no MoE config key yet; Megatron-Core's MoE layer spec, patched the same
-    way, builds and trains (allgather dispatcher: alltoall needs CUDA events)."""
-    import dataclasses
-
-    from megatron.core.models.gpt import GPTModel
-    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
-    from megatron.core.transformer.moe.moe_layer import MoELayer
-    from megatron.core.transformer.spec_utils import ModuleSpec
-    from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
-
-    from megatron_vwn.model.builder import build_transformer_config, vwn_shape
-    from megatron_vwn.model.specs import final_norm
-    from megatron_vwn.model.width.vwn import vwn_layer_spec
-    from megatron_vwn.model.width.vwn_io import VWNEmbedding, VWNFinalNorm
-
-    cfg = _cfg(*vwn)
-    config = dataclasses.replace(build_transformer_config(cfg), num_moe_experts=4,
-                                 moe_router_topk=2, moe_ffn_hidden_size=32,
-                                 moe_grouped_gemm=False, moe_token_dispatcher_type="allgather")
-    shape = vwn_shape(cfg)
-    spec = get_gpt_layer_local_spec(num_experts=4, moe_grouped_gemm=False,
-                                    normalization="RMSNorm")
-    norm = ModuleSpec(module=VWNFinalNorm, params={"vwn": shape, "final_norm": final_norm("local")})
-    block = TransformerBlockSubmodules(layer_specs=[vwn_layer_spec(spec, shape)] * 3,
-                                       layer_norm=norm)
-    model = GPTModel(config=config, transformer_layer_spec=block, vocab_size=VOCAB,
-                     max_sequence_length=8, position_embedding_type="rope")
-    model.embedding = VWNEmbedding(config, shape, VOCAB, 8)
-    assert all(isinstance(layer, VWNTransformerLayer) and isinstance(layer.mlp, MoELayer)
-               for layer in model.decoder.layers)
-    tokens, positions = _batch()
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    before = model(tokens, positions, None, labels=tokens).mean()
-    before.backward()
-    opt.step()
-    after = model(tokens, positions, None, labels=tokens).mean()
-    assert torch.isfinite(before) and after < before
-
-
 # Gemma 3n's dynamic AltUp -----------------------------------------------------------------------
 
 DYNAMIC2 = ["model.vwn.connection=altup", "model.vwn.n=2"]

@@ -64,6 +64,13 @@ class VWNConfig(PretrainedConfig):
         altup_mtp_active: list | None = None,
         altup_exit_block: int = 0,
         num_mtp_layers: int = 0,
+        moe_num_experts: int = 0,
+        moe_top_k: int = 2,
+        moe_intermediate_size: int | None = None,
+        moe_shared_intermediate_size: int = 0,
+        moe_dense_layers: int = 0,
+        moe_router_score: str = "softmax",
+        moe_expert_bias: bool = False,
         use_cache: bool = True,
         pad_token_id: int | None = None,
         bos_token_id: int | None = None,
@@ -100,6 +107,15 @@ class VWNConfig(PretrainedConfig):
         self.altup_mtp_active = list(altup_mtp_active or [])
         self.altup_exit_block = altup_exit_block
         self.num_mtp_layers = num_mtp_layers
+        # mixture of experts: 0 experts = dense MLPs; layers from moe_dense_layers on (and the
+        # MTP layers) are MoE
+        self.moe_num_experts = moe_num_experts
+        self.moe_top_k = moe_top_k
+        self.moe_intermediate_size = moe_intermediate_size or intermediate_size
+        self.moe_shared_intermediate_size = moe_shared_intermediate_size
+        self.moe_dense_layers = moe_dense_layers
+        self.moe_router_score = moe_router_score
+        self.moe_expert_bias = moe_expert_bias
         self.use_cache = use_cache
         self.pad_token_id = pad_token_id
         self.bos_token_id = bos_token_id
@@ -111,7 +127,13 @@ class VWNConfig(PretrainedConfig):
         if hidden_size % vwn_m or vwn_n < vwn_m:
             raise ValueError(f"need vwn_m | hidden_size and vwn_n >= vwn_m (got m={vwn_m}, "
                              f"n={vwn_n}, hidden_size={hidden_size})")
+        if moe_router_score not in ("softmax", "sigmoid"):
+            raise ValueError(f"moe_router_score ({moe_router_score!r}) must be softmax or sigmoid")
         super().__init__(tie_word_embeddings=tie_word_embeddings, **kwargs)
+
+    def is_moe_layer(self, layer_idx: int) -> bool:
+        """Whether layer ``layer_idx`` (MTP layers follow the decoder's) has an MoE MLP."""
+        return self.moe_num_experts > 0 and layer_idx >= self.moe_dense_layers
 
     @property
     def segment_width(self) -> int:

@@ -36,6 +36,12 @@ stream ``i > 0`` is ``W_i e`` RMS-matched to ``e``). Output: GroupNorm (groups o
 (Gemma 3n's streams ``i > 0`` first projected back and RMS-matched), or nothing (Frac), then the
 final RMSNorm and the LM head. ``vwn_connection = "none"`` is the plain residual backbone.
 
+Mixture of experts (``moe_num_experts > 0``): from layer ``moe_dense_layers`` on (MTP layers
+too) the MLP is :class:`VWNMoE` (Megatron-Core's routing: softmax over the top-k logits, or
+sigmoid scores with DeepSeek-V3's expert bias; a shared expert), under Mixtral's names
+``block_sparse_moe.gate`` / ``experts.{e}.w1, w2, w3``; every connection wraps it as it wraps
+the dense MLP.
+
 Multi-token prediction heads (``config.num_mtp_layers``) are loaded with the model but unused by
 ``forward`` and ``generate``; :meth:`VWNForCausalLM.mtp_logits` returns their next-N logits.
 """
@@ -127,15 +133,88 @@ class VWNAttention(nn.Module):
 class VWNMLP(nn.Module):
     """SwiGLU: ``down(silu(gate(x)) * up(x))``."""
 
-    def __init__(self, config: VWNConfig):
+    def __init__(self, config: VWNConfig, inner: int | None = None):
         super().__init__()
-        hidden, inner = config.hidden_size, config.intermediate_size
+        hidden, inner = config.hidden_size, inner or config.intermediate_size
         self.gate_proj = nn.Linear(hidden, inner, bias=False)
         self.up_proj = nn.Linear(hidden, inner, bias=False)
         self.down_proj = nn.Linear(inner, hidden, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class VWNRouter(nn.Module):
+    """The MoE router's parameters: ``weight`` ``[E, D]`` and (DeepSeek-V3) ``expert_bias``."""
+
+    def __init__(self, config: VWNConfig):
+        super().__init__()
+        experts = config.moe_num_experts
+        self.weight = nn.Parameter(torch.empty(experts, config.hidden_size))
+        if config.moe_expert_bias:
+            self.register_buffer("expert_bias", torch.zeros(experts, dtype=torch.float32))
+        else:
+            self.expert_bias = None
+
+
+class VWNExpert(nn.Module):
+    """One SwiGLU expert in Mixtral's names: ``w2(silu(w1 x) * w3 x)``."""
+
+    def __init__(self, hidden: int, inner: int):
+        super().__init__()
+        self.w1 = nn.Linear(hidden, inner, bias=False)
+        self.w3 = nn.Linear(hidden, inner, bias=False)
+        self.w2 = nn.Linear(inner, hidden, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class VWNMoE(nn.Module):
+    """Megatron-Core's MoE layer for inference (megatron-vwn docs/moe.md), ``x`` ``[b, s, D]``:
+
+        logits = x W_g^T (fp32)                                   [T, E]
+        softmax router: top-k of the logits, weights = softmax over those k (Mixtral)
+        sigmoid router: s = sigmoid(logits); top-k of s + expert_bias; weights = s_k / sum s_k
+        y = sum_k weight_k expert_k(x) + shared_expert(x)
+    """
+
+    def __init__(self, config: VWNConfig):
+        super().__init__()
+        self.top_k, self.score = config.moe_top_k, config.moe_router_score
+        self.gate = VWNRouter(config)
+        self.experts = nn.ModuleList(
+            VWNExpert(config.hidden_size, config.moe_intermediate_size)
+            for _ in range(config.moe_num_experts))
+        self.shared_expert = VWNMLP(config, config.moe_shared_intermediate_size) \
+            if config.moe_shared_intermediate_size else None
+
+    def route(self, flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(expert indices [T, k], weights [T, k])`` of every token."""
+        logits = F.linear(flat.float(), self.gate.weight.float())
+        if self.score == "softmax":
+            top, chosen = logits.topk(self.top_k, dim=-1)
+            return chosen, top.softmax(dim=-1)
+        scores = torch.sigmoid(logits)
+        bias = self.gate.expert_bias
+        chosen = (scores + bias if bias is not None else scores).topk(self.top_k, dim=-1).indices
+        weights = scores.gather(1, chosen)
+        if self.top_k > 1:
+            weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+        return chosen, weights
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, x.shape[-1])
+        chosen, weights = self.route(flat)
+        out = torch.zeros_like(flat)
+        for index, expert in enumerate(self.experts):
+            token, slot = (chosen == index).nonzero(as_tuple=True)
+            if token.numel():
+                scaled = expert(flat[token]) * weights[token, slot, None].to(flat.dtype)
+                out.index_add_(0, token, scaled)
+        if self.shared_expert is not None:
+            out = out + self.shared_expert(flat)
+        return out.reshape(x.shape)
 
 
 class GHC(nn.Module):
@@ -315,7 +394,9 @@ class VWNDecoderLayer(nn.Module):
         self.input_layernorm = VWNRMSNorm(config.hidden_size, config.rms_norm_eps)
         self.self_attn = VWNAttention(config, layer_idx)
         self.post_attention_layernorm = VWNRMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.mlp = VWNMLP(config)
+        moe = config.is_moe_layer(layer_idx)  # Mixtral's name for the MoE block
+        self.mlp = None if moe else VWNMLP(config)
+        self.block_sparse_moe = VWNMoE(config) if moe else None
         connection = config.vwn_connection
         self.altup = AltUp(config, active) if connection == "altup" else None
         sublayer = {"mhc": MHC, "altup": None, "none": None}.get(connection, GHC)
@@ -323,16 +404,17 @@ class VWNDecoderLayer(nn.Module):
         self.mlp_ghc = sublayer(config) if sublayer else None
 
     def forward(self, hidden, cos, sin, mask, cache):
+        mlp = self.mlp if self.mlp is not None else self.block_sparse_moe
         if self.attn_ghc is None:
             x, saved = self.altup.read(hidden) if self.altup is not None else (hidden, None)
             x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
-            x = x + self.mlp(self.post_attention_layernorm(x))
+            x = x + mlp(self.post_attention_layernorm(x))
             return self.altup.write(x, saved) if self.altup is not None else x
         x, saved = self.attn_ghc.read(hidden)
         z = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
         hidden = self.attn_ghc.write(z, saved)
         x, saved = self.mlp_ghc.read(hidden)
-        z = self.mlp(self.post_attention_layernorm(x))
+        z = mlp(self.post_attention_layernorm(x))
         return self.mlp_ghc.write(z, saved)
 
 
@@ -436,7 +518,7 @@ class VWNPreTrainedModel(PreTrainedModel):
     def _init_weights(self, module):
         """Init for weights a checkpoint does not provide (training-style; GHC at VWN init)."""
         std = self.config.initializer_range
-        if isinstance(module, (nn.Linear, nn.Embedding)):
+        if isinstance(module, (nn.Linear, nn.Embedding, VWNRouter)):
             module.weight.normal_(0.0, std)
         elif isinstance(module, (VWNRMSNorm, nn.GroupNorm)):
             module.weight.fill_(1.0)
