@@ -2,9 +2,10 @@
 
 The rows of ``metrics.jsonl`` become scalars tagged ``SPLIT/KEY`` (``train/lm_loss``,
 ``train/lr``, ``valid/mtp_loss_1``, ``analysis/aofe_ratio_agop``, ...) at step ``iteration``:
-the tags wandb gets (:func:`scalars` serves both), so the two loggers show the same curves. Events go to
-``RUN_DIR/tensorboard/`` through ``torch.utils.tensorboard`` (which needs the ``tensorboard``
-package); a resumed run appends a new event file there and TensorBoard merges them.
+the tags wandb gets (:func:`scalars` serves both), so the two loggers show the same
+curves. Events go to ``RUN_DIR/tensorboard/`` through ``torch.utils.tensorboard`` (which needs
+the ``tensorboard`` package); a resumed run appends a new event file there and TensorBoard
+merges them.
 """
 
 from __future__ import annotations

@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 import torch
+from megatron.core import parallel_state
 
 from megatron_vwn.config import load_config, validate
 from megatron_vwn.launch.env import resolve_dist_env
