@@ -10,7 +10,7 @@ reports median-time ratios against the backbone:
   much as the layers: the reduce alone is ``2 D' D`` FLOPs per token, half a dense layer at 8x.
 - *layer*: forward + backward of one transformer layer on its own (``[s, b, D']`` in and out for
   VWN, ``[s, b, D]`` for the backbone): the cost of the GHC modules themselves, which is what
-  grows with depth and what METHODS.md 1.4 bounds (about ``216/D`` at (8,64)).
+  grows with depth and what docs/methods.md §1.4 bounds (about ``216/D`` at (8,64)).
 
 Memory is the bytes of activations saved for backward in one forward (counted with
 ``saved_tensors_hooks``, on any device) and, on GPU, the peak allocated memory of a step. The

@@ -44,7 +44,7 @@ def _check_triton_available() -> None:
 @dataclass
 class MhcConfig:
     """Manifold-constrained hyper-connections (``model.vwn.connection=mhc``; docs/width_family.md,
-    METHODS.md 2.1)."""
+    docs/methods.md §2.1)."""
 
     sinkhorn_iters: int = 20
     """Sinkhorn-Knopp iterations (row then column normalisation each) for ``H_res``."""
@@ -60,7 +60,7 @@ class MhcConfig:
 
 @dataclass
 class AltUpConfig:
-    """Alternating updates (``model.vwn.connection=altup``; docs/width_family.md, METHODS.md 3)."""
+    """Alternating updates (``model.vwn.connection=altup``; docs/width_family.md, docs/methods.md §3)."""
 
     selection: Literal["alternating", "same"] = "alternating"
     """Which block a layer computes: ``layer mod K`` (alternating) or always block 0 (same)."""
@@ -71,7 +71,7 @@ class AltUpConfig:
 
 @dataclass
 class VwnConfig:
-    """Virtual width and its family (docs/vwn.md, docs/width_family.md, METHODS.md 1-3).
+    """Virtual width and its family (docs/vwn.md, docs/width_family.md, docs/methods.md §1-3).
 
     ``m`` fraction rate, ``n`` expanded slots: segment width ``d_b = D / m``, virtual width
     ``D' = n * d_b``, factor ``r = n / m``. ``m = n = 1`` is the backbone, built as the stock
@@ -209,7 +209,7 @@ class VwnConfig:
 
 @dataclass
 class MtpConfig:
-    """Multi-token (next-N) prediction heads (docs/mtp.md, METHODS.md 1.5).
+    """Multi-token (next-N) prediction heads (docs/mtp.md, docs/methods.md §1.5).
 
     Total loss ``L_main + (loss_weight / num_layers) * sum_k L_k``; depth ``k`` predicts token
     ``t + 1 + k``. With virtual width the heads are VWN-aware (wide embedding, block-level
@@ -590,7 +590,7 @@ class LoggingConfig:
 
 @dataclass
 class AnalysisConfig:
-    """Neural-interaction metrics logged during training (docs/shape.md, METHODS.md 4)."""
+    """Neural-interaction metrics logged during training (docs/shape.md, docs/methods.md §4)."""
 
     interaction_interval: int = 0
     """Log ``aofe_ratio_agop`` and ``aofe_ratio_wtw`` (``split: analysis`` rows of metrics.jsonl)

@@ -55,7 +55,7 @@ def moe_layer_count(model: ModelConfig) -> int:
 
 
 def ghc_params(vwn: VwnConfig, hidden_size: int) -> int:
-    """One GHC module (METHODS.md 1.4): static A, B ``n(2m+n)``; dynamic: scales ``n(2m+n)``
+    """One GHC module (docs/methods.md §1.4): static A, B ``n(2m+n)``; dynamic: scales ``n(2m+n)``
     (2 scalars for HC), projection ``d_b(2m+n)``, norm gain ``d_b``."""
     m, n, d_b = vwn.m, vwn.n, hidden_size // vwn.m
     static = n * (2 * m + n)
@@ -66,7 +66,7 @@ def ghc_params(vwn: VwnConfig, hidden_size: int) -> int:
 
 
 def mhc_params(vwn: VwnConfig, hidden_size: int) -> int:
-    """One mHC module (METHODS.md 2.1): biases ``2n + n^2``; dynamic: ``phi`` ``nD(2n + n^2)``,
+    """One mHC module (docs/methods.md §2.1): biases ``2n + n^2``; dynamic: ``phi`` ``nD(2n + n^2)``,
     the norm gain ``nD`` and three gates."""
     n = vwn.n
     outputs = 2 * n + n * n

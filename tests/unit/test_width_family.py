@@ -1,5 +1,5 @@
 """mHC and AltUp against their defining equations and initialisation properties
-(METHODS.md 2.1 and 3; docs/width_family.md)."""
+(docs/methods.md §2.1 and 3; docs/width_family.md)."""
 
 from __future__ import annotations
 
