@@ -60,7 +60,8 @@ class MhcConfig:
 
 @dataclass
 class AltUpConfig:
-    """Alternating updates (``model.vwn.connection=altup``; docs/width_family.md, docs/methods.md §3)."""
+    """Alternating updates (``model.vwn.connection=altup``; docs/width_family.md,
+    docs/methods.md §3)."""
 
     selection: Literal["alternating", "same"] = "alternating"
     """Which block a layer computes: ``layer mod K`` (alternating) or always block 0 (same)."""

@@ -66,8 +66,8 @@ def ghc_params(vwn: VwnConfig, hidden_size: int) -> int:
 
 
 def mhc_params(vwn: VwnConfig, hidden_size: int) -> int:
-    """One mHC module (docs/methods.md §2.1): biases ``2n + n^2``; dynamic: ``phi`` ``nD(2n + n^2)``,
-    the norm gain ``nD`` and three gates."""
+    """One mHC module (docs/methods.md §2.1): biases ``2n + n^2``; dynamic: ``phi``
+    ``nD(2n + n^2)``, the norm gain ``nD`` and three gates."""
     n = vwn.n
     outputs = 2 * n + n * n
     if not vwn.dynamic:
