@@ -13,11 +13,12 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 # The fast tier, `pytest -m "not slow"` (README: before every commit, a few minutes on 2 cores):
 # the unit tests, one parallel layout (TP=2 + SP) for the backbone and each width member with
-# its single-process reference, and one Hugging Face export. Everything else under
-# tests/distributed and tests/integration is marked slow and runs in CI's full tier.
+# its single-process reference, the MoE backbone at EP=2, and one Hugging Face export. Everything
+# else under tests/distributed and tests/integration is marked slow and runs in CI's full tier.
 FAST_TIER = {
     *(f"tests/distributed/test_parity.py::test_layout_matches_single_process[{model}-tp2_sp]"
       for model in ("backbone", "vwn_8_64", "mhc4", "altup2", "backbone_mtp1")),
+    "tests/distributed/test_moe_parity.py::test_moe_layout_matches_single_process[moe-ep2]",
     "tests/integration/test_convert_hf.py::test_every_connection_exports_exactly[static-1.5x]",
 }
 

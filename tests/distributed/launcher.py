@@ -77,3 +77,10 @@ def run_ranks(nproc: int, argv: list[str], timeout: float = 600, log_dir: Path |
                                                     for r in failed)
         )
     return outputs
+
+
+def selected_params(session, test_name: str, keys: tuple[str, ...]) -> list[tuple]:
+    """The parameter tuples of ``test_name``'s items that this pytest session runs (``-k`` and
+    ``-m`` respected), so a batched launch runs only the cases someone asked for."""
+    return [tuple(item.callspec.params[k] for k in keys) for item in session.items
+            if getattr(item, "originalname", None) == test_name]

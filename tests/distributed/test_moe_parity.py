@@ -24,7 +24,7 @@ import json
 import pytest
 import torch
 
-from tests.distributed.launcher import run_ranks
+from tests.distributed.launcher import run_ranks, selected_params
 
 WORKER = "tests/distributed/moe_parity_worker.py"
 
@@ -94,15 +94,20 @@ def _launch(tmp_path, data_cache, nproc: int, cases: dict[str, list[str]]) -> di
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory, data_cache):
-    """Every configuration, three launches in all: the references on one rank, then the
-    two-rank and four-rank layouts."""
+def runs(request, tmp_path_factory, data_cache):
+    """Every selected configuration, three launches at most: the references on one rank, then
+    the two-rank and four-rank layouts."""
+    selected = selected_params(request.session, "test_moe_layout_matches_single_process",
+                               ("model", "layout"))
     results = {}
+    references = {model: MODELS[model] for model in sorted({model for model, _ in selected})}
     results.update({(model, "single"): ranks for model, ranks in _launch(
-        tmp_path_factory.mktemp("moe-ref"), data_cache, 1, MODELS).items()})
+        tmp_path_factory.mktemp("moe-ref"), data_cache, 1, references).items()})
     for nproc in sorted({nproc for nproc, _ in LAYOUTS.values()}):
         cases = {f"{model}-{layout}": [*MODELS[model], *LAYOUTS[layout][1]]
-                 for model, layout in CASES if LAYOUTS[layout][0] == nproc}
+                 for model, layout in selected if LAYOUTS[layout][0] == nproc}
+        if not cases:
+            continue
         launched = _launch(tmp_path_factory.mktemp(f"moe-{nproc}"), data_cache, nproc, cases)
         results.update({tuple(name.split("-")): ranks for name, ranks in launched.items()})
     return results

@@ -17,7 +17,7 @@ import json
 import pytest
 import torch
 
-from tests.distributed.launcher import SMALL_RUN, run_ranks
+from tests.distributed.launcher import SMALL_RUN, run_ranks, selected_params
 
 WORKER = "tests/distributed/parity_worker.py"
 
@@ -98,13 +98,6 @@ CASES = [("backbone", layout) for layout in LAYOUTS] + [
 SINGLE = "single"  # the references' "layout": one process
 
 
-def _selected_cases(session) -> list[tuple[str, str]]:
-    """The (model, layout) cases of this module that pytest will run (``-k`` respected)."""
-    return [tuple(item.callspec.params[k] for k in ("model", "layout"))
-            for item in session.items
-            if item.originalname == "test_layout_matches_single_process"]
-
-
 @pytest.fixture(scope="module")
 def batches(request, tmp_path_factory, data_cache):
     """``get(layout)``: {model: (losses, mtp losses, grad norms, grads)} of one launch that runs
@@ -113,7 +106,8 @@ def batches(request, tmp_path_factory, data_cache):
 
     def get(layout: str) -> dict:
         if layout not in results:
-            cases = _selected_cases(request.session)
+            cases = selected_params(request.session, "test_layout_matches_single_process",
+                                    ("model", "layout"))
             if layout == SINGLE:
                 nproc, overrides = 1, []
                 models = sorted({model for model, _ in cases})
