@@ -114,6 +114,10 @@ class VwnConfig:
     output_init_scale: float | None = None
     """Multiplier on the init std of each sublayer's output projection; None: the preset's
     (1/sqrt(n) for hc, whose summed streams would otherwise grow the output n-fold; 1 otherwise)."""
+    norm_epsilon: float = 1e-6
+    """Epsilon of the width connections' own RMSNorms: GHC's per-segment norm of the
+    coefficient path, mHC's norm of the flattened streams, dynamic AltUp's router norm (the
+    exported HF config's ``ghc_norm_eps``)."""
     mhc: MhcConfig = field(default_factory=MhcConfig)
     altup: AltUpConfig = field(default_factory=AltUpConfig)
 
@@ -136,6 +140,7 @@ class VwnConfig:
         _positive("model.vwn.m", self.m)
         _positive("model.vwn.n", self.n)
         _positive("model.vwn.output_init_scale", self.output_init_scale)
+        _positive("model.vwn.norm_epsilon", self.norm_epsilon)
         _positive("model.vwn.mhc.sinkhorn_iters", self.mhc.sinkhorn_iters)
         _positive("model.vwn.mhc.gate_init", self.mhc.gate_init, allow_zero=True)
         if self.n < self.m:

@@ -48,6 +48,8 @@ class VWNShape:
     """Dynamic GHC implementation (``model.vwn.kernel``, resolved in ``ghc.resolve_kernel``)."""
     recompute: str = "none"
     """``model.vwn.recompute`` with its alias folded in (``VwnConfig.recompute_mode``)."""
+    norm_epsilon: float = 1e-6
+    """``model.vwn.norm_epsilon``: the connections' own RMSNorms."""
 
     @classmethod
     def from_config(cls, vwn: VwnConfig, hidden_size: int, num_layers: int = 1,
@@ -64,7 +66,8 @@ class VWNShape:
                    output_init_scale=scale, reduce=reduce, num_layers=num_layers,
                    sinkhorn_iters=vwn.mhc.sinkhorn_iters, gate_init=vwn.mhc.gate_init,
                    identity_bias=vwn.mhc.identity_bias, selection=vwn.altup.selection,
-                   init_std=init_std, kernel=vwn.kernel, recompute=vwn.recompute_mode)
+                   init_std=init_std, kernel=vwn.kernel, recompute=vwn.recompute_mode,
+                   norm_epsilon=vwn.norm_epsilon)
 
     @property
     def d_b(self) -> int:
@@ -93,14 +96,15 @@ class VWNShape:
             return MHC(self.n, self.hidden, dynamic=self.dynamic,
                        sinkhorn_iters=self.sinkhorn_iters, gate_init=self.gate_init,
                        identity_bias=self.identity_bias, init_std=self.init_std,
-                       recompute=self.recompute_coefficients, dtype=dtype, device=device)
+                       eps=self.norm_epsilon, recompute=self.recompute_coefficients,
+                       dtype=dtype, device=device)
         from megatron_vwn.model.width.ghc import GHC, hc_init, vwn_init
 
         if self.connection == "hc":
             init = hc_init(self.n, sublayer_index)
         else:
             init = vwn_init(self.m, self.n, self.d_b)
-        return GHC(self.m, self.n, self.d_b, init, dynamic=self.dynamic,
+        return GHC(self.m, self.n, self.d_b, init, dynamic=self.dynamic, eps=self.norm_epsilon,
                    recompute_coefficients=self.recompute_coefficients, dtype=dtype,
                    device=device, kernel=self.kernel, recompute=self.recompute)
 
@@ -109,4 +113,4 @@ class VWNShape:
         from megatron_vwn.model.width.altup import AltUp
 
         return AltUp(self.n, self.hidden, self.active_block(layer_index), dynamic=self.dynamic,
-                     init_std=self.init_std, dtype=dtype, device=device)
+                     init_std=self.init_std, eps=self.norm_epsilon, dtype=dtype, device=device)
