@@ -536,7 +536,7 @@ def test_moe_with_virtual_width_exports_to_the_remote_code_class(runs, world, tm
                                                result.vocab_size)
 
 
-def test_mixtral_roundtrip_is_identical(world, tmp_path):
+def test_mixtral_roundtrip_is_identical(world, tmp_path, data_cache):
     """A MixtralForCausalLM (as transformers saves it) imports into an MoE model and exports
     back to the same tensors, in Mixtral's published names."""
     from transformers import MixtralConfig, MixtralForCausalLM
@@ -557,7 +557,8 @@ def test_mixtral_roundtrip_is_identical(world, tmp_path):
     model.save_pretrained(tmp_path / "mixtral")
     original = mixtral_published_names(_hf_tensors(tmp_path / "mixtral"))
     assert "model.layers.1.block_sparse_moe.experts.3.w2.weight" in original
-    path, report = import_hf_llama(tmp_path / "mixtral", tmp_path / "megatron")
+    path, report = import_hf_llama(tmp_path / "mixtral", tmp_path / "megatron",
+                                   [f"data.tokenizer_model={_bundled_tokenizer(data_cache)}"])
     assert set(report.values()) == {"all"}
     result = export_checkpoint(tmp_path / "megatron", tmp_path / "back", with_tokenizer=False)
     assert result.format == "mixtral"
