@@ -310,7 +310,8 @@ def test_llama_roundtrip_is_identical(tie, world, tmp_path, data_cache):
     proc = subprocess.run([*train, f"run.dir={tmp_path / 'refused'}"], capture_output=True,
                           text=True, timeout=300)
     assert proc.returncode == 2, proc.stderr[-3000:]
-    assert proc.stderr.strip().splitlines() == [
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert [ln for ln in proc.stderr.splitlines() if ln.startswith("megatron-vwn:")] == [
         f"megatron-vwn: error: checkpoint {path} holds weights only (written by convert "
         f"from-hf): add checkpoint.weights_only=true to start a run from them"], proc.stderr
     manifest = path / "checkpoint.json"

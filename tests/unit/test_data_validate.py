@@ -4,7 +4,6 @@ one line naming the file and what is wrong: a truncated ``.bin`` or ``.idx``, a 
 
 from __future__ import annotations
 
-import glob
 import os
 import shutil
 import struct
@@ -84,8 +83,11 @@ def test_empty_dataset(tmp_path, corpus, capsys):
 
 def test_token_ids_beyond_the_tokenizers_vocabulary(data_cache, corpus, capsys):
     # The bundled corpus, tokenized with a 4096-piece tokenizer, given the 512-piece one.
-    (bin_file,) = glob.glob(os.path.join(data_cache, "bundled", "*", "*.bin"))
-    prefix = bin_file[:-4]
+    from megatron_vwn.config.schema import DataConfig
+    from megatron_vwn.data.datasets import prepare_data
+
+    (prefix,) = prepare_data(DataConfig(cache_dir=data_cache, split="90,10,0")).paths
+    bin_file = prefix + ".bin"
     err = _refused(capsys, prefix, corpus[1])
     assert f"data.paths[0]: {bin_file} holds token id " in err
     assert "but the tokenizer has 512 pieces (ids 0..511): the data was preprocessed with " \
