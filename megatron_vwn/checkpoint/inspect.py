@@ -51,7 +51,7 @@ def inspect_checkpoint(path: str | Path) -> dict:
     """Everything the inspector reports, as plain data."""
     from megatron.core import dist_checkpointing
 
-    from megatron_vwn.model.mcore_compat import load_common_state_dict
+    from megatron_vwn.checkpoint.state import load_common_state_dict
 
     directory = resolve_checkpoint_dir(Path(path))
     report: dict = {"path": str(directory), "complete": is_complete(directory)}

@@ -58,6 +58,7 @@ from megatron_vwn.checkpoint.state import (
     RunState,
     SavedRun,
     capture_rng,
+    load_common_state_dict,
     load_optimizer_state,
     model_keys,
     model_sharded_state_dict,
@@ -68,7 +69,6 @@ from megatron_vwn.checkpoint.state import (
 )
 from megatron_vwn.config import Config, dump_config, to_dict
 from megatron_vwn.config.errors import ConfigError
-from megatron_vwn.model.mcore_compat import load_common_state_dict
 from megatron_vwn.training.faults import SaveFailed, any_rank
 from megatron_vwn.training.optim import use_distributed_optimizer
 from megatron_vwn.training.schedule import load_schedule_state, schedule_state_dict

@@ -9,28 +9,16 @@ writing of replicated tensors is spread over them (Megatron-Core's fully paralle
 
 from __future__ import annotations
 
-import queue
 from collections.abc import Callable
 from pathlib import Path
 
 from megatron.core import dist_checkpointing, parallel_state
-from megatron.core.dist_checkpointing.strategies import filesystem_async
 from megatron.core.dist_checkpointing.strategies.fully_parallel import (
     FullyParallelSaveStrategyWrapper,
 )
 from megatron.core.dist_checkpointing.strategies.torch import TorchDistSaveShardedStrategy
 
-
-def _use_in_process_results_queue() -> None:
-    """A synchronous save collects its writer results in this process, so a plain queue does.
-
-    Megatron-Core otherwise starts a spawn-type ``multiprocessing.Manager`` for that queue: a
-    helper process that needs the ``__main__`` guard in every entry script (PLATFORM.md), costs
-    an interpreter start per rank, and dies on the SIGTERM a scheduler sends to the whole job,
-    which would break the save that the signal asks for. Only for synchronous saves.
-    """
-    if filesystem_async._results_queue is None:
-        filesystem_async._results_queue = queue.Queue()
+from megatron_vwn.compat.mcore_internals import use_in_process_results_queue
 
 
 class Saver:
@@ -65,7 +53,7 @@ class Saver:
         all of them succeeded. Asynchronous: ``on_complete`` runs on every rank from
         :meth:`poll` once all ranks have written."""
         if not self.async_save:
-            _use_in_process_results_queue()
+            use_in_process_results_queue()  # no results-queue helper process
             dist_checkpointing.save(
                 state_dict, str(path), sharded_strategy=self._get_strategy(),
                 content_metadata=content_metadata,

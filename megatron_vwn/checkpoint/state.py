@@ -19,17 +19,20 @@ restored only at the layout they were saved at (elsewhere the run keeps its fres
 
 from __future__ import annotations
 
+import importlib.metadata
 import random
 from dataclasses import asdict, dataclass, field
-from functools import partial
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from megatron.core import parallel_state, tensor_parallel
+from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 
-from megatron_vwn.model.mcore_compat import canonical_checkpoint_keys
+from megatron_vwn.checkpoint.errors import CheckpointError
+from megatron_vwn.compat.mcore import READS_EMBEDDED_COMMON_STATE, canonical_checkpoint_keys
+from megatron_vwn.compat.mcore_internals import loading_present_states_only
 
 FORMAT_VERSION = 1
 DISTOPT_SHARDING = "fully_reshardable"
@@ -120,7 +123,7 @@ def model_keys(num_chunks: int) -> list[str]:
 
 def model_sharded_state_dict(chunks: list, metadata: dict) -> dict:
     """The sharded state of every DDP-wrapped chunk (its ``vp_stage`` gives the layer offsets),
-    stored under the same keys whatever the Megatron-Core release (``mcore_compat``)."""
+    stored under the same keys whatever the Megatron-Core release (``compat/mcore.py``)."""
     meta = _with_groups(metadata)
     return {
         key: canonical_checkpoint_keys(chunk.module.sharded_state_dict(prefix="", metadata=meta))
@@ -157,25 +160,12 @@ def load_optimizer_state(optimizer, state: dict) -> None:
     per parameter and step; each parameter gets its own copy afterwards.
     """
     patched = _torch_adam_distributed_optimizers(optimizer)
-    for opt in patched:
-        opt._set_main_param_and_optimizer_states = partial(_set_present_states, opt)
-    try:
+    with loading_present_states_only(patched):
         optimizer.load_state_dict(state)
-    finally:
-        for opt in patched:
-            del opt._set_main_param_and_optimizer_states
     for opt in patched:
         for param_state in opt.optimizer.state.values():
             if torch.is_tensor(param_state.get("step")):
                 param_state["step"] = param_state["step"].clone()
-
-
-def _set_present_states(opt, model_param, tensors: dict) -> None:
-    group_index, group_order = opt.model_param_group_index_map[model_param]
-    main_param = opt.optimizer.param_groups[group_index]["params"][group_order]
-    destination = {"param": main_param, **opt.optimizer.state[main_param]}
-    for key, value in tensors.items():
-        destination[key].copy_(value)
 
 
 def _prime_empty_adam_state(optimizer) -> None:
@@ -234,3 +224,16 @@ def rng_sharded_object(state: dict[str, Any] | None) -> ShardedObject:
         ),
         replica_id=0,
     )
+
+
+def load_common_state_dict(path: str | Path) -> dict:
+    """``dist_checkpointing.load_common_state_dict``, refusing with a clear line a checkpoint in a
+    format this release cannot read (``compat/mcore.py``: 0.16 reads only ``common.pt``)."""
+    path = Path(path)
+    if not READS_EMBEDDED_COMMON_STATE and not (path / "common.pt").exists():
+        raise CheckpointError(
+            f"checkpoint {path} was written by a newer Megatron-Core (its common state is inside "
+            f"the torch_dist files, as 0.19 writes it); megatron-core "
+            f"{importlib.metadata.version('megatron-core')} here reads only common.pt: load it "
+            f"with the release that wrote it (0.19.2 is tested)")
+    return dist_checkpointing.load_common_state_dict(str(path))

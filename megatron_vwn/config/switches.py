@@ -60,7 +60,7 @@ def validate_recompute(cfg: Config) -> None:
     if train.recompute_modules is not None:
         import importlib.util
 
-        from megatron_vwn.model.mcore_compat import RECOMPUTE_MODULES, RECOMPUTE_NEEDS_TE
+        from megatron_vwn.compat.mcore import RECOMPUTE_MODULES, RECOMPUTE_NEEDS_TE
 
         allowed = RECOMPUTE_MODULES
         if importlib.util.find_spec("transformer_engine") is None:

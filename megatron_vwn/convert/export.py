@@ -23,13 +23,13 @@ from pathlib import Path
 
 import torch
 
+from megatron_vwn.compat.mcore import MTP_INNER_LAYER
 from megatron_vwn.config import Config
 from megatron_vwn.config.errors import ConfigError
 from megatron_vwn.convert.keymap import to_hf
 from megatron_vwn.convert.maps import MapShape, llama_rules, vwn_rules
 from megatron_vwn.convert.megatron_io import LoadedModel, load_checkpoint, read_saved_run
 from megatron_vwn.convert.safetensors_io import DEFAULT_MAX_SHARD_BYTES, save_sharded
-from megatron_vwn.model.mcore_compat import MTP_INNER_LAYER
 
 logger = logging.getLogger(__name__)
 

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from megatron_vwn.compat.mcore import MTP_INNER_LAYER
 from megatron_vwn.config.schema import ModelConfig
 from megatron_vwn.convert.keymap import FusedGateUp, FusedQKV, Rule, Same, VocabRows
-from megatron_vwn.model.mcore_compat import MTP_INNER_LAYER
 
 GHC_PARAMS = ("static_read", "static_carry", "static_write", "norm_weight", "proj", "scale_a",
               "scale_b")

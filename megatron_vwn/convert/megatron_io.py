@@ -76,8 +76,8 @@ def ensure_single_process_world(seed: int = 1234) -> None:
     life of the process. Reuses an existing one-rank world; refuses a larger one."""
     from megatron.core import parallel_state
 
+    from megatron_vwn.compat.cpu import enable_cpu_support
     from megatron_vwn.launch.env import free_port
-    from megatron_vwn.parallel.cpu import enable_cpu_support
     from megatron_vwn.parallel.distributed import set_seed
 
     if torch.cuda.is_available():
@@ -160,8 +160,7 @@ def load_checkpoint(path: str | Path, tokenizer_vocab: int | None = None,
 def read_saved_run(path: str | Path):
     """``(checkpoint directory, SavedRun)`` without building anything (no process group)."""
     from megatron_vwn.checkpoint.inspect import resolve_checkpoint_dir
-    from megatron_vwn.checkpoint.state import SavedRun
-    from megatron_vwn.model.mcore_compat import load_common_state_dict
+    from megatron_vwn.checkpoint.state import SavedRun, load_common_state_dict
 
     directory = resolve_checkpoint_dir(Path(path))
     try:

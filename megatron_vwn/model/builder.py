@@ -11,16 +11,17 @@ import torch.nn.functional as F
 from megatron.core import parallel_state
 from megatron.core.transformer.transformer_config import TransformerConfig
 
+from megatron_vwn.compat.cpu import cpu_mode
+from megatron_vwn.compat.mcore import GPTModel
+from megatron_vwn.compat.mcore_internals import install_embedding
 from megatron_vwn.config.schema import Config
 from megatron_vwn.model.layout import initialize_layout_invariant
-from megatron_vwn.model.mcore_compat import GPTModel
 from megatron_vwn.model.moe import tag_routers
 from megatron_vwn.model.moe import transformer_config_fields as moe_fields
 from megatron_vwn.model.mtp import MTPLossRecorder, chain_wide_states
 from megatron_vwn.model.specs import model_specs, resolve_transformer_impl
 from megatron_vwn.model.width.vwn import VWNShape
 from megatron_vwn.model.width.vwn_io import VWNEmbedding
-from megatron_vwn.parallel.cpu import cpu_mode
 from megatron_vwn.training.fp8 import fp8_fields
 from megatron_vwn.training.recompute import recompute_fields
 
@@ -135,10 +136,8 @@ def build_model_chunk(
         vp_stage=vp_stage if vpp else None,
     )
     if shape is not None:
-        if model.pre_process or model.mtp_process:
-            model.embedding = VWNEmbedding(config, shape, vocab_size, cfg.model.seq_length)
-        # Re-tag (and, for tied embeddings or MTP across stages, re-sync) the new embedding.
-        model.setup_embeddings_and_output_layer()
+        install_embedding(model, VWNEmbedding(config, shape, vocab_size, cfg.model.seq_length)
+                          if model.pre_process or model.mtp_process else None)
         chain_wide_states(model)
     tag_routers(model)
     if model.mtp_process:

@@ -24,8 +24,8 @@ import re
 import torch
 from megatron.core import parallel_state
 
+from megatron_vwn.compat.mcore import MTP_INNER_LAYER, moe_loss_coeff_factor
 from megatron_vwn.config.schema import Config
-from megatron_vwn.model.mcore_compat import MTP_INNER_LAYER, moe_loss_coeff_factor
 
 
 def grouped_gemm_available(impl: str) -> bool:

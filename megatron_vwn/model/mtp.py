@@ -33,7 +33,8 @@ from megatron.core.transformer.multi_token_prediction import (
 from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from megatron_vwn.model.mcore_compat import mtp_layer_submodules
+from megatron_vwn.compat.mcore import mtp_layer_submodules
+from megatron_vwn.compat.mcore_internals import MTPLayerWithInputMix
 from megatron_vwn.model.norm import RMSNorm
 from megatron_vwn.model.width.vwn import VWNShape, vwn_layer_spec
 from megatron_vwn.model.width.vwn_io import VWNFinalNorm
@@ -62,7 +63,7 @@ class BlockLinear(torch.nn.Module):
         return F.linear(pairs, self.weight).reshape(s, b, width)
 
 
-class VWNMultiTokenPredictionLayer(MultiTokenPredictionLayer):
+class VWNMultiTokenPredictionLayer(MTPLayerWithInputMix):
     """Megatron's MTP layer on the wide state (see the module docstring)."""
 
     def __init__(self, config, submodules, layer_number: int = 1, vwn: VWNShape = None,
@@ -79,7 +80,7 @@ class VWNMultiTokenPredictionLayer(MultiTokenPredictionLayer):
         final_norm.keep_input = True
         self._wide_source = [final_norm]
 
-    def _concat_embeddings(self, hidden_states: torch.Tensor, decoder_input: torch.Tensor):
+    def mix_inputs(self, hidden_states: torch.Tensor, decoder_input: torch.Tensor):
         return self.eh_proj(self.enorm(decoder_input), self.hnorm(hidden_states))
 
     def forward(self, input_ids, position_ids, hidden_states, attention_mask, **kwargs):

@@ -1,1 +1,1 @@
-"""Process groups, seeds and the CPU support layer."""
+"""Process groups, seeds, pipeline schedules and the rank watchdog (the CPU support layer is compat.cpu)."""

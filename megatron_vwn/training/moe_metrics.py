@@ -24,8 +24,8 @@ from __future__ import annotations
 import torch
 from megatron.core import parallel_state
 
+from megatron_vwn.compat.mcore import clear_moe_aux_losses, moe_aux_losses
 from megatron_vwn.config.schema import ModelConfig
-from megatron_vwn.model.mcore_compat import clear_moe_aux_losses, moe_aux_losses
 from megatron_vwn.model.moe import router_rows
 
 AUX_LOSS_NAMES = ("load_balancing_loss", "seq_load_balancing_loss")

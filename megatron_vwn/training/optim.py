@@ -12,8 +12,8 @@ from megatron.core.optimizer import (
 from megatron.core.optimizer.optimizer_config import ParamKey
 from megatron.core.optimizer_param_scheduler import ParamGroupOverride
 
+from megatron_vwn.compat.cpu import cpu_mode
 from megatron_vwn.config.schema import Config
-from megatron_vwn.parallel.cpu import cpu_mode
 
 
 def use_distributed_optimizer(cfg: Config) -> bool:

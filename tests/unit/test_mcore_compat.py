@@ -1,4 +1,4 @@
-"""The Megatron-Core version layer: the installed release offers what ``mcore_compat`` says.
+"""The Megatron-Core version layer: the installed release offers what ``compat/mcore.py`` says.
 
 These run on whichever release is installed (0.16.1 on the locked set, 0.19.2 on CI's newest
 leg), so an upstream rename fails here with its name instead of inside a training step.
@@ -12,31 +12,16 @@ import pytest
 import torch
 from megatron.core.dist_checkpointing.mapping import ShardedTensor
 from megatron.core.transformer.multi_token_prediction import MultiTokenPredictionLayer
-from megatron.core.transformer.transformer_layer import TransformerLayer
 
 from megatron_vwn.checkpoint.errors import CheckpointError
-from megatron_vwn.model import mcore_compat
-from megatron_vwn.model.mcore_compat import (
+from megatron_vwn.checkpoint.state import load_common_state_dict
+from megatron_vwn.compat import mcore as mcore_compat
+from megatron_vwn.compat.mcore import (
     CANONICAL_MTP_INNER_LAYER,
-    LAYER_FORWARD_KEYWORDS,
     MTP_INNER_LAYER,
     canonical_checkpoint_keys,
     mtp_layer_submodules,
 )
-
-
-@pytest.mark.parametrize("method", sorted(LAYER_FORWARD_KEYWORDS))
-def test_layer_forward_pieces_take_the_keywords_we_pass(method):
-    parameters = inspect.signature(getattr(TransformerLayer, method)).parameters
-    assert "hidden_states" in parameters
-    missing = [k for k in LAYER_FORWARD_KEYWORDS[method] if k not in parameters]
-    assert not missing, f"TransformerLayer.{method} no longer takes {missing}"
-
-
-def test_stock_layer_forward_is_built_from_the_pieces():
-    # VWNTransformerLayer.forward replaces the stock forward by the same two calls around GHC.
-    source = inspect.getsource(TransformerLayer.forward)
-    assert "self._forward_attention(" in source and "self._forward_mlp(" in source
 
 
 def test_mtp_submodules_name_the_inner_layer():
@@ -66,10 +51,30 @@ def test_checkpoint_keys_use_the_canonical_inner_layer_name():
         "decoder.layers.0.mlp.linear_fc1.weight")
 
 
-def test_gpt_model_is_megatron_cores():
-    from megatron.core.models.gpt import GPTModel
+def test_gpt_model_takes_what_the_builder_passes():
+    """The one ``GPTModel`` import: its constructor still takes every argument
+    ``model/builder.py`` passes, by name, and it still is a (non-hybrid) decoder of
+    ``TransformerLayer``s, whose sublayers VWN wraps."""
+    parameters = inspect.signature(mcore_compat.GPTModel.__init__).parameters
+    passed = ("config", "transformer_layer_spec", "mtp_block_spec", "vocab_size",
+              "max_sequence_length", "pre_process", "post_process",
+              "share_embeddings_and_output_weights", "position_embedding_type", "rotary_base",
+              "vp_stage")
+    assert [name for name in passed if name not in parameters] == []
+    assert "TransformerBlock(" in inspect.getsource(mcore_compat.GPTModel.__init__)
 
-    assert mcore_compat.GPTModel is GPTModel
+
+@pytest.mark.skipif(not mcore_compat.READS_EMBEDDED_COMMON_STATE,
+                    reason="this release reads only common.pt")
+def test_the_embedded_common_state_probe_means_what_we_read_it_as(tmp_path):
+    from megatron.core.dist_checkpointing import serialization
+
+    # A release that has it looks for the separate common.pt file (0.16's format) beside the
+    # torch_dist files, and reads the embedded state otherwise.
+    probe = serialization._legacy_common_state_exists
+    assert not probe(str(tmp_path))
+    (tmp_path / "common.pt").write_bytes(b"")
+    assert probe(str(tmp_path))
 
 
 @pytest.mark.skipif(mcore_compat.READS_EMBEDDED_COMMON_STATE,
@@ -78,7 +83,7 @@ def test_a_newer_format_checkpoint_is_refused_in_one_line(tmp_path):
     (tmp_path / ".metadata").write_bytes(b"")  # torch_dist files, no common.pt (0.19's format)
     with pytest.raises(CheckpointError, match=r"written by a newer Megatron-Core .* reads only "
                                               r"common\.pt"):
-        mcore_compat.load_common_state_dict(tmp_path)
+        load_common_state_dict(tmp_path)
 
 
 def test_moe_router_gemm_runs_without_transformer_engine(monkeypatch):

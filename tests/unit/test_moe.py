@@ -166,7 +166,7 @@ def test_mtp_layer_on_an_moe_backbone_is_moe(single_process, vwn):
     transformer layer is an MoE layer too (as DeepSeek-V3's MTP module)."""
     from megatron.core.transformer.moe.moe_layer import MoELayer
 
-    from megatron_vwn.model.mcore_compat import MTP_INNER_LAYER
+    from megatron_vwn.compat.mcore import MTP_INNER_LAYER
     from megatron_vwn.training.moe_metrics import MoEMonitor
 
     overrides = [*MOE, *vwn, "model.mtp.num_layers=1"]

@@ -13,9 +13,9 @@ from megatron.core.models.gpt.gpt_layer_specs import (
 )
 from megatron.core.transformer.multi_token_prediction import MTPLossLoggingHelper
 
+from megatron_vwn.compat.mcore import MTP_INNER_LAYER
 from megatron_vwn.config import load_config
 from megatron_vwn.model.builder import build_model, build_transformer_config
-from megatron_vwn.model.mcore_compat import MTP_INNER_LAYER
 from megatron_vwn.model.mtp import BlockLinear, VWNMultiTokenPredictionLayer
 from megatron_vwn.training.step import loss_func, mtp_loss_mask
 

@@ -54,7 +54,7 @@ def test_recompute_maps_onto_megatron_core(overrides, expected):
 
 
 def test_every_recompute_module_offered_is_accepted_by_megatron_core():
-    from megatron_vwn.model.mcore_compat import RECOMPUTE_MODULES
+    from megatron_vwn.compat.mcore import RECOMPUTE_MODULES
 
     for module in RECOMPUTE_MODULES:
         config = _transformer_config(recompute_granularity="selective",

@@ -21,6 +21,7 @@ from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_layer import TransformerLayer
 from megatron.core.utils import make_viewless_tensor
 
+from megatron_vwn.compat.mcore_internals import forward_attention, forward_mlp
 from megatron_vwn.model.width.shape import VWNShape
 
 __all__ = ["VWNShape", "VWNTransformerLayer", "get_bias_dropout", "vwn_layer_spec"]
@@ -67,11 +68,11 @@ class VWNTransformerLayer(TransformerLayer):
             hidden_states = self.altup.write(y, saved)  # [s, b, D']
         else:
             x, saved = self.attention_ghc.read(hidden_states)  # [s, b, D]
-            z, context = self._forward_attention(x, *args, **kwargs)
+            z, context = forward_attention(self, x, *args, **kwargs)
             hidden_states = self.attention_ghc.write(z, saved)  # [s, b, D']
             x, saved = self.mlp_ghc.read(hidden_states)
-            z = self._forward_mlp(x, kwargs.get("inference_context"),
-                                  padding_mask=kwargs.get("padding_mask"))
+            z = forward_mlp(self, x, kwargs.get("inference_context"),
+                            padding_mask=kwargs.get("padding_mask"))
             hidden_states = self.mlp_ghc.write(z, saved)
         # Like the stock layer: pipeline schedules free stage outputs and refuse views.
         hidden_states = make_viewless_tensor(

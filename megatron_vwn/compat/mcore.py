@@ -12,13 +12,10 @@ number, so a release in between or after works where its API does:
   0.16 name (:func:`canonical_checkpoint_keys`), so a run saved under one release resumes,
   reshards and converts under the other.
 * Checkpoint format: after 0.16 the common (non-sharded) state moved from ``common.pt`` into the
-  torch_dist files. Newer releases read both; 0.16 reads only ``common.pt``, so
-  :func:`load_common_state_dict` names the problem instead of failing inside Megatron. A
-  checkpoint saved under 0.16 resumes under 0.19, not the reverse.
-* ``TransformerLayer._forward_attention`` / ``_forward_mlp`` (private, no public equivalent in
-  0.19): ``VWNTransformerLayer`` calls them with the keywords of :data:`LAYER_FORWARD_KEYWORDS`,
-  which both releases accept; ``tests/unit/test_mcore_compat.py`` checks the signatures so an
-  upstream change fails there, not deep inside a training step.
+  torch_dist files. Newer releases read both; 0.16 reads only ``common.pt``
+  (:data:`READS_EMBEDDED_COMMON_STATE`), so ``checkpoint.state.load_common_state_dict`` names
+  the problem instead of failing inside Megatron. A checkpoint saved under 0.16 resumes under
+  0.19, not the reverse.
 * MoE router without Transformer Engine: 0.16.1's ``moe_utils`` imports ``te_general_gemm`` only
   when TE imports, yet its router GEMM tests the name for ``None`` on every forward, so without TE
   (CPU, or a GPU image without it) the first MoE step is a ``NameError``.
@@ -44,22 +41,17 @@ number, so a release in between or after works where its API does:
 from __future__ import annotations
 
 import dataclasses
-import importlib.metadata
 import re
-from pathlib import Path
 
-from megatron.core import dist_checkpointing
 from megatron.core.dist_checkpointing import serialization
 from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer.moe import moe_utils
 from megatron.core.transformer.multi_token_prediction import MultiTokenPredictionLayerSubmodules
 
-from megatron_vwn.checkpoint.errors import CheckpointError
-
 __all__ = ["GPTModel", "MTP_INNER_LAYER", "RECOMPUTE_MODULES", "RECOMPUTE_NEEDS_TE",
-           "LAYER_FORWARD_KEYWORDS", "mtp_layer_submodules", "canonical_checkpoint_keys",
-           "load_common_state_dict", "define_missing_te_gemm", "moe_aux_losses",
-           "clear_moe_aux_losses", "moe_loss_coeff_factor"]
+           "READS_EMBEDDED_COMMON_STATE", "mtp_layer_submodules", "canonical_checkpoint_keys",
+           "define_missing_te_gemm", "moe_aux_losses", "clear_moe_aux_losses",
+           "moe_loss_coeff_factor"]
 
 
 def _router_scales_losses_by_full_sequence() -> bool:
@@ -142,14 +134,6 @@ RECOMPUTE_NEEDS_TE = ("layernorm",) if _norm_checkpoint_calls_te() else ()
 CANONICAL_MTP_INNER_LAYER = "transformer_layer"
 """The name checkpoints use for it, whatever the release (0.16's)."""
 
-LAYER_FORWARD_KEYWORDS = {
-    "_forward_attention": ("attention_mask", "rotary_pos_emb", "inference_context",
-                           "packed_seq_params", "padding_mask"),
-    "_forward_mlp": ("inference_context", "padding_mask"),
-}
-"""Keywords ``VWNTransformerLayer`` passes to the stock layer's forward pieces."""
-
-
 def define_missing_te_gemm() -> None:
     """Give the MoE router's ``te_general_gemm`` the value ``None`` where TE did not define it
     (any device: see the module docstring)."""
@@ -195,15 +179,3 @@ def canonical_checkpoint_keys(sharded_state_dict: dict) -> dict:
 READS_EMBEDDED_COMMON_STATE = hasattr(serialization, "_legacy_common_state_exists")
 """Whether this release reads checkpoints that keep the common state inside the torch_dist files."""
 
-
-def load_common_state_dict(path: str | Path) -> dict:
-    """``dist_checkpointing.load_common_state_dict``, refusing with a clear line a checkpoint in a
-    format this release cannot read."""
-    path = Path(path)
-    if not READS_EMBEDDED_COMMON_STATE and not (path / "common.pt").exists():
-        raise CheckpointError(
-            f"checkpoint {path} was written by a newer Megatron-Core (its common state is inside "
-            f"the torch_dist files, as 0.19 writes it); megatron-core "
-            f"{importlib.metadata.version('megatron-core')} here reads only common.pt: load it "
-            f"with the release that wrote it (0.19.2 is tested)")
-    return dist_checkpointing.load_common_state_dict(str(path))
