@@ -1,1 +1,1 @@
-"""Process groups, seeds, pipeline schedules and the rank watchdog (the CPU support layer is compat.cpu)."""
+"""Process groups, seeds, pipeline schedules and the rank watchdog (CPU support: compat.cpu)."""

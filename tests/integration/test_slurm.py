@@ -16,6 +16,7 @@ planning tests at the top need no cluster.
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -287,8 +288,54 @@ def test_sweep_of_widths_1_and_2_runs_both_jobs(cluster, workdir, two_node_run, 
     assert f"token budget per run: {N * TOKENS_PER_ITER}" in status
 
 
-def test_sbatch_script_is_valid_bash():
+_STUB = """#!/bin/bash
+echo "$(basename "$0") $*" >> "$STUB_LOG"
+"""
+
+
+def test_sbatch_script_launches_one_torchrun_per_node_with_the_train_arguments(tmp_path):
+    """The batch script run as SLURM would run it, with ``srun``, ``scontrol`` and the python
+    replaced by stubs that log their command lines: it asks whether the run is complete, starts
+    one task per node running torchrun over ``megatron_vwn.cli train`` with the arguments it was
+    given and the rendezvous of the allocation, and stops when the run is complete."""
     subprocess.run(["bash", "-n", str(SBATCH_SCRIPT)], check=True)
+    directives = [line.split(None, 1)[1] for line in SBATCH_SCRIPT.read_text().splitlines()
+                  if line.startswith("#SBATCH ")]
+    assert {"--ntasks-per-node=1", "--signal=B:USR1@180", "--requeue"} <= set(directives)
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    log = tmp_path / "calls.log"
+    stubs = {
+        "scontrol": _STUB + 'echo node-a; echo node-b\n',
+        # srun: run the node command here, as node 0 of 2 (the args after the srun options).
+        "srun": _STUB + 'while [ "$1" != bash ]; do shift; done\n'
+                        'SLURM_NODEID=0 SLURM_NNODES=2 "$@"\n',
+        # The python: the progress probe says "not complete" first, "complete" after training.
+        "python": _STUB + 'if [ "$2" = megatron_vwn.launch.progress ]; then\n'
+                          '  [ -e "$STUB_LOG.trained" ] && exit 0; exit 1; fi\n'
+                          'touch "$STUB_LOG.trained"\n',
+    }
+    for name, text in stubs.items():
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(0o755)
+    env = {"PATH": f"{bin_dir}:{os.environ['PATH']}", "STUB_LOG": str(log),
+           "MVWN_PYTHON": str(bin_dir / "python"), "SLURM_JOB_ID": "12345",
+           "SLURM_JOB_NODELIST": "node-[a-b]", "SLURM_JOB_NUM_NODES": "2",
+           "SLURM_GPUS_ON_NODE": "4", "HOME": str(tmp_path)}
+    proc = subprocess.run(["bash", str(SBATCH_SCRIPT), "configs/tiny.yaml", "train.iters=3"],
+                          env=env, cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "training finished" in proc.stdout
+    calls = log.read_text().splitlines()
+    progress = "python -m megatron_vwn.launch.progress configs/tiny.yaml train.iters=3"
+    torchrun = ("python -m torch.distributed.run --nnodes=2 --node-rank=0 --nproc-per-node=4 "
+                "--master-addr=node-a --master-port=22345 "
+                "-m megatron_vwn.cli train configs/tiny.yaml train.iters=3")
+    srun = [c for c in calls if c.startswith("srun ")]
+    assert len(srun) == 1 and srun[0].startswith(
+        "srun --ntasks-per-node=1 --kill-on-bad-exit=1 --cpu-bind=none bash -c"), srun
+    assert [c for c in calls if c.startswith("python")] == [progress, torchrun, progress]
+    assert "scontrol requeue" not in "\n".join(calls)
 
 
 def _rank_process(job_id: str, rank: int):
