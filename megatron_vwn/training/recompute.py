@@ -6,7 +6,7 @@ Megatron-Core does the work: ``selective`` checkpoints the chosen submodules ins
 ``TransformerBlock`` (``uniform``: every layer, in units of ``recompute_num_layers``; ``block``:
 the first ``recompute_num_layers`` of each pipeline stage). A fully recomputed VWN layer is
 recomputed with its width connections, since they live inside the layer's ``forward``. On CPU
-the RNG states its checkpoints save and restore are the CPU ones (``parallel/cpu.py``), so a
+the RNG states its checkpoints save and restore are the CPU ones (``compat/cpu.py``), so a
 recomputed forward draws the same dropout masks.
 """
 
