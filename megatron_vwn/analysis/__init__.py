@@ -1,2 +1,2 @@
-"""Tools that run a model (held-out scoring, profiles, the shape probe) and the interaction
-metrics of training. Offline readers of runs are in :mod:`megatron_vwn.studies`."""
+"""Tools that run a model (held-out scoring, profiles), the ``shape`` command and the
+interaction metrics of training. Offline readers of runs are in :mod:`megatron_vwn.studies`."""

@@ -4,13 +4,15 @@ Written by rank 0 through :class:`megatron_vwn.training.metrics.MetricsWriter`, 
 across resumes; rows logged after the checkpoint a run resumes from are dropped by
 :func:`trim_rows` (the checkpoint manager calls it), so every iteration appears once.
 
-Every row has ``split`` and ``iteration``; by split:
+Every row has ``split``, ``iteration`` and ``consumed_tokens``; by split:
 
-* ``"train"``: ``consumed_tokens``, ``lm_loss``, ``lr``, ``grad_norm`` (null when not computed),
-  ``iter_time_s``, ``tokens_per_s``; with multi-token prediction ``mtp_loss_1`` ...
-  ``mtp_loss_K``; mixture-of-experts runs add ``moe_*`` keys
+* ``"train"`` (every ``logging.interval`` iterations and the last): ``lm_loss`` (mean over the
+  logging window), ``lr``, ``grad_norm`` (null when not computed), ``iter_time_s``,
+  ``tokens_per_s``, ``tflops_per_s_per_rank``, ``skipped``; with multi-token prediction
+  ``mtp_loss_1`` ... ``mtp_loss_K``; mixture-of-experts runs add ``moe_*`` keys
   (:mod:`megatron_vwn.training.moe_metrics`);
-* ``"valid"``: ``consumed_tokens``, ``lm_loss`` (and ``mtp_loss_k`` with MTP);
+* ``"valid"`` (every ``train.eval_interval`` iterations and the last): ``lm_loss`` (and
+  ``mtp_loss_k`` with MTP);
 * ``"analysis"`` (with ``analysis.interaction_interval``): ``aofe_ratio_agop``, ``aofe_agop``,
   ``aofe_ratio_wtw``, ``aofe_wtw``, ``analysis_sequences``, ``analysis_probes``,
   ``analysis_time_s`` (:mod:`megatron_vwn.analysis.interaction_hook`).
