@@ -142,7 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
     convert = sub.add_parser("convert", help="Hugging Face export and import")
     add_convert_arguments(convert)
     convert.set_defaults(run=cmd_convert)
-    from megatron_vwn.analysis.report_cli import add_analysis_parsers
+    from megatron_vwn.studies.report_cli import add_analysis_parsers
 
     add_analysis_parsers(sub)  # eval, report, profile: each sets its own ``run``
     from megatron_vwn.analysis.shape_cli import add_shape_arguments

@@ -1,2 +1,2 @@
-"""Analysis of runs and sweeps: held-out scoring, reports, speed-ups, profiles, the depth-width
-shape study and its interaction metrics."""
+"""Tools that run a model (held-out scoring, profiles), the ``shape`` command and the
+interaction metrics of training. Offline readers of runs are in :mod:`megatron_vwn.studies`."""

@@ -182,10 +182,10 @@ def run_profile(ns: argparse.Namespace) -> int:
     import sys
     from dataclasses import asdict
 
-    from megatron_vwn.analysis.report import padded_vocab_of
     from megatron_vwn.cli import _split_config_and_overrides
     from megatron_vwn.config import load_config
     from megatron_vwn.config.errors import ConfigError
+    from megatron_vwn.studies.report import padded_vocab_of
 
     if ns.batch < 1:
         raise ConfigError(f"--batch ({ns.batch}) must be >= 1")

@@ -19,7 +19,7 @@ import argparse
 import json
 import sys
 
-from megatron_vwn.analysis.shape import COUNTS, DEFAULT_DEPTHS
+from megatron_vwn.studies.shape import COUNTS, DEFAULT_DEPTHS
 
 
 def _model_arguments(p: argparse.ArgumentParser, several: bool = False) -> None:
@@ -77,7 +77,8 @@ def _config_and_overrides(args: list[str]):
 
 
 def cmd_plan(ns: argparse.Namespace) -> int:
-    from megatron_vwn.analysis.shape import (
+    from megatron_vwn.config import load_config
+    from megatron_vwn.studies.shape import (
         INTERVAL,
         format_plan,
         parse_depths,
@@ -85,7 +86,6 @@ def cmd_plan(ns: argparse.Namespace) -> int:
         plan_shapes,
         vwn_note,
     )
-    from megatron_vwn.config import load_config
 
     config, overrides = _config_and_overrides(ns.args)
     cfg = load_config(config, overrides)
@@ -105,16 +105,16 @@ def cmd_plan(ns: argparse.Namespace) -> int:
 def cmd_sweep(ns: argparse.Namespace) -> int:
     from dataclasses import asdict
 
-    from megatron_vwn.analysis.shape import parse_depths, parse_params
-    from megatron_vwn.analysis.shape_sweep import (
+    from megatron_vwn.config.errors import ConfigError
+    from megatron_vwn.launch.runner import Launch, run_sweep
+    from megatron_vwn.log import setup_logging
+    from megatron_vwn.studies.shape import parse_depths, parse_params
+    from megatron_vwn.studies.shape_sweep import (
         DEFAULT_RUNS_DIR,
         ShapeSweepSpec,
         plan_shape_sweep,
-        run_local,
-        write_manifest,
+        record_plan,
     )
-    from megatron_vwn.config.errors import ConfigError
-    from megatron_vwn.log import setup_logging
 
     setup_logging(rank=0)
     config, overrides = _config_and_overrides(ns.args)
@@ -142,21 +142,16 @@ def cmd_sweep(ns: argparse.Namespace) -> int:
         print(f"# {run.name}: L={shape['depth']} D={shape['hidden']} params={shape['params']:,}"
               f" R_DW={shape['r_dw']:.4f}{' (in interval)' if shape['in_interval'] else ''}")
     if ns.submit:
-        from megatron_vwn.launch.slurm import submit_chain
-
-        for run in runs:
-            run.job_ids = submit_chain(site, run.name, run.train_args, ns.chain or 1,
-                                       ns.dry_run)
+        run_sweep(runs, Launch("submit", site, ns.chain or 1, ns.dry_run))
         if not ns.dry_run:
-            path = write_manifest(spec, runs, "submit", asdict(site))
+            path = record_plan(spec, runs, "submit", asdict(site))
             print(f"# recorded in {path}; then: megatron-vwn shape report {path.parent}")
         return 0
     if not ns.local:
-        for run in runs:
-            print("megatron-vwn train " + " ".join(run.train_args))
+        run_sweep(runs, Launch("print"))
         return 0
-    path = write_manifest(spec, runs, "local")
-    codes = run_local(runs, ns.nproc)
+    path = record_plan(spec, runs, "local")
+    codes = run_sweep(runs, Launch("local", nproc=ns.nproc))
     failed = [run.name for run, code in zip(runs, codes, strict=True) if code]
     print(f"# {len(runs) - len(failed)}/{len(runs)} runs finished; recorded in {path}; "
           f"then: megatron-vwn shape report {path.parent}")
@@ -166,7 +161,7 @@ def cmd_sweep(ns: argparse.Namespace) -> int:
 
 
 def cmd_report(ns: argparse.Namespace) -> int:
-    from megatron_vwn.analysis.shape_report import write_report
+    from megatron_vwn.studies.shape_report import write_report
 
     out = write_report(ns.sweep_dir, ns.out)
     print(f"# report written to {out}")

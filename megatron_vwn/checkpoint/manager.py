@@ -50,7 +50,7 @@ from megatron_vwn.checkpoint.files import (
     write_manifest,
     write_tracker,
 )
-from megatron_vwn.checkpoint.resolve import explicit_candidates, find_candidates, trim_metrics
+from megatron_vwn.checkpoint.resolve import explicit_candidates, find_candidates
 from megatron_vwn.checkpoint.retention import apply_retention, remove_dir
 from megatron_vwn.checkpoint.saver import Saver
 from megatron_vwn.checkpoint.state import (
@@ -69,13 +69,12 @@ from megatron_vwn.checkpoint.state import (
 )
 from megatron_vwn.config import Config, dump_config, to_dict
 from megatron_vwn.config.errors import ConfigError
+from megatron_vwn.runs.rows import trim_rows
 from megatron_vwn.training.faults import SaveFailed, any_rank
 from megatron_vwn.training.optim import use_distributed_optimizer
 from megatron_vwn.training.schedule import load_schedule_state, schedule_state_dict
 
 logger = logging.getLogger(__name__)
-
-METRICS_FILE = "metrics.jsonl"  # written by training.metrics.MetricsWriter
 
 
 def _broadcast(obj):
@@ -236,7 +235,7 @@ class CheckpointManager:
                            "resharded; RNG states are not restored (seeded from train.seed)",
                            saved.layout.describe(), here.describe())
         if _is_rank0():
-            dropped = trim_metrics(self.run_dir / METRICS_FILE, saved.state.iteration)
+            dropped = trim_rows(self.run_dir, saved.state.iteration)
             if dropped:
                 logger.info("removed %d metrics rows logged after iteration %d (trained again)",
                             dropped, saved.state.iteration)

@@ -1,10 +1,9 @@
-"""Which checkpoint to start from, decided from the files alone; and the ``metrics.jsonl`` rows
-a resume drops. No process groups: the manager runs this on rank 0 and broadcasts the result.
+"""Which checkpoint to start from, decided from the files alone. No process groups: the manager
+runs this on rank 0 and broadcasts the result.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
@@ -62,26 +61,3 @@ def explicit_candidates(path: Path) -> list[Candidate]:
             f"iter_* directory with a manifest)"
         )
     return candidates[:1]
-
-
-def trim_metrics(path: Path, iteration: int) -> int:
-    """Drop ``metrics.jsonl`` rows after ``iteration`` (logged after the checkpoint the run
-    resumes from, so they are trained again); returns how many were dropped."""
-    if not path.is_file():
-        return 0
-    kept, dropped = [], 0
-    for line in path.read_text().splitlines():
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            dropped += 1  # a row cut off by a crash
-            continue
-        if row.get("iteration", 0) > iteration:
-            dropped += 1
-        else:
-            kept.append(line)
-    if dropped:
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text("".join(line + "\n" for line in kept))
-        tmp.replace(path)
-    return dropped

@@ -14,28 +14,24 @@ CONFIG runs ``configs/sweep/default.yaml``. See docs/slurm.md.
 from __future__ import annotations
 
 import argparse
-import os
-import shlex
-import shutil
-import subprocess
 import sys
 from dataclasses import asdict
 from pathlib import Path
 
 from megatron_vwn.config.errors import ConfigError
 from megatron_vwn.config.loader import DEFAULT_CONFIG, load_config
-from megatron_vwn.launch.site import SbatchCommand, SiteConfig, load_site, sbatch_command
+from megatron_vwn.launch.runner import Launch, run_sweep, submit_chain
+from megatron_vwn.launch.site import SiteConfig, load_site
 from megatron_vwn.launch.sweep import (
     format_summary,
     parse_widths,
     plan_sweep,
+    record_submission,
     resolve_spec,
     summarize_sweep,
     token_budget,
-    write_manifest,
 )
-
-_PREVIOUS = "PREVIOUS_JOB_ID"  # stands for the job id of the chain's previous job
+from megatron_vwn.runs.sweeps import WIDTH_MANIFEST, read_manifest
 
 
 def _site_arguments(p: argparse.ArgumentParser) -> None:
@@ -120,40 +116,6 @@ def _split(args: list[str]) -> tuple[str | None, list[str]]:
     return None, list(args)
 
 
-def submit_chain(site: SiteConfig, job_name: str, train_args: list[str], chain: int,
-                 dry_run: bool) -> list[str]:
-    """Submit (or print) ``chain`` jobs of one run; returns the job ids (dry run: none)."""
-    commands: list[SbatchCommand] = []
-    for link in range(chain):
-        dependency = f"afterany:{_PREVIOUS}" if link else None
-        commands.append(sbatch_command(site, job_name, train_args, dependency=dependency,
-                                       requeue=site.requeue and chain == 1))
-    if dry_run:
-        var = "JOB_" + "".join(c if c.isalnum() else "_" for c in job_name)
-        for link, command in enumerate(commands):
-            line = command.shell().replace(f"afterany:{_PREVIOUS}", f"afterany:${var}")
-            print(f"{var}=$({line})" if chain > 1 and link < chain - 1 else line)
-        return []
-    Path(site.log_dir).mkdir(parents=True, exist_ok=True)
-    ids: list[str] = []
-    for command in commands:
-        argv = [a.replace(_PREVIOUS, ids[-1]) if ids else a for a in command.argv]
-        ids.append(_sbatch(argv, command.env))
-    print(f"{job_name}: submitted job{'s' if len(ids) > 1 else ''} {' '.join(ids)} "
-          f"(log {site.log_dir}/{job_name}-<jobid>.out)")
-    return ids
-
-
-def _sbatch(argv: list[str], env: dict[str, str]) -> str:
-    if shutil.which(argv[0]) is None:
-        raise ConfigError("sbatch not found: run this on a SLURM login node (or use --dry-run)")
-    proc = subprocess.run(argv, env={**os.environ, **env}, capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise ConfigError(f"sbatch failed ({proc.returncode}): {proc.stderr.strip()} | "
-                          f"{shlex.join(argv)}")
-    return proc.stdout.strip().split(";")[0]
-
-
 def cmd_submit(ns: argparse.Namespace) -> int:
     from megatron_vwn.config import validate
 
@@ -178,20 +140,16 @@ def cmd_sweep(ns: argparse.Namespace) -> int:
           f"{', '.join(f'{r.width:g} (m={r.m}, n={r.n})' for r in runs)}; "
           f"{token_budget(spec)} tokens per run; {site.nodes} node(s) x "
           f"{site.ranks_per_node} rank(s) per job", file=out)
-    for run in runs:
-        run.job_ids = submit_chain(site, run.name, run.train_args, spec.chain, ns.dry_run)
+    run_sweep(runs, Launch("submit", site, spec.chain, ns.dry_run))
     if not ns.dry_run:
-        path = write_manifest(spec, runs, asdict(site))
+        path = record_submission(spec, runs, asdict(site))
         print(f"# recorded in {path}; progress: megatron-vwn slurm status {path.parent}")
     return 0
 
 
 def cmd_status(ns: argparse.Namespace) -> int:
-    import json
-
     summary = summarize_sweep(ns.sweep_dir)
-    manifest = json.loads((Path(ns.sweep_dir) / "sweep.json").read_text())
-    print(format_summary(summary, manifest.get("token_budget")))
+    print(format_summary(summary, read_manifest(ns.sweep_dir, WIDTH_MANIFEST).get("token_budget")))
     return 0
 
 

@@ -19,12 +19,12 @@ stream, not the plain backbone).
 
 Naming, for a sweep called ``NAME`` (default: the config's name) and width tag ``xR`` (``x1``,
 ``x1p5``, ``x2``): run ``NAME-xR`` is the job name, ``run.name`` and the log name, its run
-directory ``RUNS_DIR/NAME/xR``; ``RUNS_DIR/NAME/sweep.json`` records the plan and the job ids.
+directory ``RUNS_DIR/NAME/xR``; ``RUNS_DIR/NAME/sweep.json`` records the plan and the job ids
+(docs/runs.md). The runs are submitted by the sweep runner (:mod:`megatron_vwn.launch.runner`).
 """
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import re
@@ -40,11 +40,13 @@ from megatron_vwn.config import load_config, to_dict, validate
 from megatron_vwn.config.errors import ConfigError
 from megatron_vwn.config.lists import parse_list
 from megatron_vwn.config.loader import CONFIG_DIR, DEFAULT_CONFIG, resolve_config_path
+from megatron_vwn.launch.progress import latest_complete_iteration
+from megatron_vwn.runs.rows import read_rows
+from megatron_vwn.runs.sweeps import WIDTH_MANIFEST, read_manifest, run_directory, write_manifest
 
 DEFAULT_SWEEP = CONFIG_DIR / "sweep" / "default.yaml"
 DEFAULT_WIDTHS = (1.0, 2.0, 4.0, 8.0)
 DEFAULT_RUNS_DIR = "runs/sweeps"
-MANIFEST = "sweep.json"
 # The keys a sweep sets per run; user overrides may not touch them.
 RESERVED = ("model.vwn.m", "model.vwn.n", "model.vwn.connection", "run.dir", "run.name")
 # Members swept by their number of D-wide streams (mhc) or blocks (altup): r -> (m, n) = (1, r).
@@ -111,6 +113,9 @@ class SweepRun:
     run_dir: str
     train_args: list[str]
     job_ids: list[str] = field(default_factory=list)
+
+    def describe(self) -> str:
+        return f"width {self.width:g} (m={self.m}, n={self.n})"
 
 
 def is_sweep_file(path: Path) -> bool:
@@ -219,13 +224,12 @@ def token_budget(spec: SweepSpec) -> int:
     return cfg.train.iters * cfg.train.global_batch_size * cfg.model.seq_length
 
 
-def write_manifest(spec: SweepSpec, runs: list[SweepRun], site: dict[str, Any]) -> Path:
+def record_submission(spec: SweepSpec, runs: list[SweepRun], site: dict[str, Any]) -> Path:
     """Record the plan and the job ids in ``RUNS_DIR/NAME/sweep.json`` (earlier submissions of
     the same sweep are kept under ``submissions``)."""
     directory = Path(spec.runs_dir) / spec.sweep_name
-    directory.mkdir(parents=True, exist_ok=True)
-    path = directory / MANIFEST
-    previous = json.loads(path.read_text()) if path.is_file() else {}
+    previous = read_manifest(directory, WIDTH_MANIFEST) \
+        if (directory / WIDTH_MANIFEST).is_file() else {}
     submission = {
         "submitted_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "jobs": {run.name: run.job_ids for run in runs},
@@ -240,27 +244,18 @@ def write_manifest(spec: SweepSpec, runs: list[SweepRun], site: dict[str, Any]) 
         "site": site,
         "submissions": [*previous.get("submissions", []), submission],
     }
-    path.write_text(json.dumps(manifest, indent=2) + "\n")
-    return path
+    return write_manifest(directory, WIDTH_MANIFEST, manifest)
 
 
 def summarize_sweep(directory: str | Path) -> list[dict[str, Any]]:
     """Per run of a sweep directory: width, m, n, last train/valid rows, latest checkpoint."""
-    from megatron_vwn.launch.progress import latest_complete_iteration
-
     directory = Path(directory)
-    manifest_path = directory / MANIFEST
-    if not manifest_path.is_file():
-        raise ConfigError(f"{manifest_path} not found: not a sweep directory")
-    manifest = json.loads(manifest_path.read_text())
+    manifest = read_manifest(directory, WIDTH_MANIFEST)
     jobs = manifest["submissions"][-1]["jobs"] if manifest.get("submissions") else {}
     summary = []
-    base = Path(manifest.get("submit_dir", "."))
     for run in manifest["runs"]:
-        run_dir = base / run["run_dir"]  # an absolute run_dir stays as it is
-        rows = read_metrics(run_dir / "metrics.jsonl")
-        train = [r for r in rows if r.get("split") == "train"]
-        valid = [r for r in rows if r.get("split") == "valid"]
+        run_dir = run_directory(manifest, run, directory)
+        train, valid = read_rows(run_dir, "train"), read_rows(run_dir, "valid")
         summary.append({
             "run": run["name"], "width": run["width"], "m": run["m"], "n": run["n"],
             "iteration": train[-1]["iteration"] if train else 0,
@@ -272,18 +267,6 @@ def summarize_sweep(directory: str | Path) -> list[dict[str, Any]]:
             "jobs": jobs.get(run["name"], []),
         })
     return summary
-
-
-def read_metrics(path: Path) -> list[dict[str, Any]]:
-    if not path.is_file():
-        return []
-    rows = []
-    for line in path.read_text().splitlines():
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue  # a line being written right now
-    return rows
 
 
 def format_summary(summary: list[dict[str, Any]], token_budget: int | None = None) -> str:

@@ -1,13 +1,8 @@
 """``metrics.jsonl``, the progress line, wandb and TensorBoard: all a run reports, from one rank.
 
-``metrics.jsonl`` is a contract: one JSON object per logged iteration with at least
-``iteration``, ``split`` ("train" or "valid"), ``consumed_tokens``, ``lm_loss``, and for training
-rows ``lr``, ``grad_norm``, ``iter_time_s`` and ``tokens_per_s``. With multi-token prediction
-both kinds of row add ``mtp_loss_1`` ... ``mtp_loss_K``. With ``analysis.interaction_interval``
-there are also ``split: "analysis"`` rows (see :mod:`megatron_vwn.analysis.interaction_hook`).
-Mixture-of-experts runs add ``moe_*`` keys to training rows
-(:mod:`megatron_vwn.training.moe_metrics`).
-Keys are added, never renamed.
+``metrics.jsonl`` is a contract of the run directory: its name, its rows and their keys are
+defined in :mod:`megatron_vwn.runs.rows` (docs/runs.md); this module writes the rows the trainer
+hands it, adding ``split``.
 """
 
 from __future__ import annotations
@@ -20,6 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from megatron_vwn.runs.rows import metrics_path
 from megatron_vwn.training.tensorboard import scalars
 
 logger = logging.getLogger(__name__)
@@ -49,7 +45,7 @@ def _clock(seconds: float) -> str:
 
 
 class MetricsWriter:
-    """Appends rows to ``run_dir/metrics.jsonl`` and mirrors them to wandb and TensorBoard (when
+    """Appends rows to the run's ``metrics.jsonl`` and mirrors them to wandb and TensorBoard (when
     enabled).
 
     Only the reporting rank constructs one with ``enabled=True``; other ranks get a no-op writer.
@@ -69,7 +65,7 @@ class MetricsWriter:
         self.enabled = enabled
         self.total_iters = total_iters
         self.start_time = time.monotonic()
-        self.path = run_dir / "metrics.jsonl"
+        self.path = metrics_path(run_dir)
         self._wandb = None
         self._tensorboard = None
         if not enabled:

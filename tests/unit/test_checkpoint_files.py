@@ -3,8 +3,6 @@ from, and the metrics rows a resume drops. Every refusal names the path concerne
 
 from __future__ import annotations
 
-import json
-
 import pytest
 
 from megatron_vwn.checkpoint.errors import CheckpointError, CorruptCheckpointError
@@ -20,7 +18,7 @@ from megatron_vwn.checkpoint.files import (
     write_manifest,
     write_tracker,
 )
-from megatron_vwn.checkpoint.resolve import explicit_candidates, find_candidates, trim_metrics
+from megatron_vwn.checkpoint.resolve import explicit_candidates, find_candidates
 
 
 def make_checkpoint(root, iteration, complete=True, payload=b"x" * 1000):
@@ -116,16 +114,3 @@ def test_explicit_load_path_forms(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(CheckpointError, match="holds no complete checkpoint"):
         explicit_candidates(tmp_path / "empty")
-
-
-def test_trim_metrics_drops_rows_after_the_checkpoint(tmp_path):
-    path = tmp_path / "metrics.jsonl"
-    rows = [{"iteration": i, "split": "train"} for i in range(1, 8)]
-    rows.insert(3, {"iteration": 3, "split": "valid"})
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"iteration": 8, "spl')
-    assert trim_metrics(path, 3) == 5  # iterations 4..7 and the half-written row
-    kept = [json.loads(line) for line in path.read_text().splitlines()]
-    assert [(r["iteration"], r["split"]) for r in kept] == [
-        (1, "train"), (2, "train"), (3, "train"), (3, "valid")]
-    assert trim_metrics(path, 3) == 0
-    assert trim_metrics(tmp_path / "absent.jsonl", 3) == 0

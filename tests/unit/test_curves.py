@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from megatron_vwn.analysis.curves import Curve, fit_log2, loss_gap, token_speedup, tokens_to_reach
+from megatron_vwn.studies.curves import Curve, fit_log2, loss_gap, token_speedup, tokens_to_reach
 
 
 def _linear(speed: float, tokens=(1000, 2000, 3000, 4000)) -> Curve:

@@ -5,15 +5,15 @@ from __future__ import annotations
 
 import pytest
 
-from megatron_vwn.analysis.shape import (
+from megatron_vwn.config import ConfigError, load_config
+from megatron_vwn.model.accounting import count_params
+from megatron_vwn.studies.shape import (
     ShapeRules,
     parse_depths,
     parse_params,
     plan_depth,
     plan_shapes,
 )
-from megatron_vwn.config import ConfigError, load_config
-from megatron_vwn.model.accounting import count_params
 
 BASE = ["model.num_layers=4", "model.hidden_size=64", "model.num_attention_heads=4",
         "model.num_query_groups=2", "model.ffn_hidden_size=128", "model.seq_length=16",

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from megatron_vwn.analysis.shape_report import (
+from megatron_vwn.studies.shape_report import (
     collect,
     fit_power_law,
     seed_stability,

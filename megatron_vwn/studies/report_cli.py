@@ -1,5 +1,5 @@
 """``megatron-vwn report RUN_OR_SWEEP_DIR... [--baseline DIR] --out DIR`` (see
-:mod:`megatron_vwn.analysis.report` and docs/width_scaling.md), and the registration of the
+:mod:`megatron_vwn.studies.report` and docs/width_scaling.md), and the registration of the
 three analysis subcommands (``eval``, ``report``, ``profile``) in the CLI."""
 
 from __future__ import annotations
@@ -29,8 +29,8 @@ def add_report_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run_report(ns: argparse.Namespace) -> int:
-    from megatron_vwn.analysis.report import fit_text, render_table, write_report
     from megatron_vwn.log import setup_logging
+    from megatron_vwn.studies.report import fit_text, render_table, write_report
 
     setup_logging(rank=0)
     summary = write_report(ns.dirs, ns.out, baseline=ns.baseline)

@@ -1,6 +1,6 @@
-"""A depth-width sweep: every planned shape of every budget, per seed, under one directory.
+"""A depth-width sweep's plan: every planned shape of every budget, per seed, under one directory.
 
-For each budget ``N`` and depth ``L`` the planner (:mod:`megatron_vwn.analysis.shape`) gives the
+For each budget ``N`` and depth ``L`` the planner (:mod:`megatron_vwn.studies.shape`) gives the
 widest ``D`` within ``N``; every (budget, depth, seed) becomes one training run of the same
 config and overrides. Only the shape keys (``model.num_layers``, ``hidden_size``,
 ``num_attention_heads``, ``num_query_groups``, ``ffn_hidden_size``: appended after the user's,
@@ -14,32 +14,29 @@ Layout, for a sweep called ``NAME`` under ``RUNS_DIR``::
     RUNS_DIR/NAME/shape_sweep.json         the plan: budgets, shapes, seeds, run directories
     RUNS_DIR/NAME/p3M-L4-s1234/            one run directory (config.yaml, metrics.jsonl, ...)
 
-``--local`` trains the runs one after another on this machine (finished runs are skipped, so an
-interrupted sweep continues where it stopped); ``--submit`` sends each to SLURM through
-``megatron-vwn slurm``'s machinery (site settings, chains, ``--dry-run``).
+The plan is started by the sweep runner (:mod:`megatron_vwn.launch.runner`), as the width
+sweep is: ``--local`` trains the runs one after another on this machine (finished runs are
+skipped, so an interrupted sweep continues where it stopped); ``--submit`` sends each to SLURM
+(site settings, chains, ``--dry-run``). The manifest's format is in docs/runs.md.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
-import subprocess
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from megatron_vwn.analysis.shape import Shape, plan_shapes
 from megatron_vwn.config import load_config, validate
 from megatron_vwn.config.errors import ConfigError
-from megatron_vwn.launch.sweep import read_metrics
+from megatron_vwn.runs.sweeps import SHAPE_MANIFEST, write_manifest
+from megatron_vwn.studies.shape import Shape, plan_shapes
 
 logger = logging.getLogger(__name__)
 
-MANIFEST = "shape_sweep.json"
 DEFAULT_RUNS_DIR = "runs/shape"
 # The keys a sweep sets per run. Shape keys given by the user are allowed: they set the rules
 # (head dim, GQA ratio, FFN ratio) and the sweep's own shape overrides come after them.
@@ -65,6 +62,10 @@ class ShapeRun:
     run_dir: str
     train_args: list[str]
     job_ids: list[str] = field(default_factory=list)
+
+    def describe(self) -> str:
+        return (f"L={self.shape['depth']} D={self.shape['hidden']} "
+                f"({self.shape['params']:,} parameters, R_DW {self.shape['r_dw']:.4f})")
 
 
 @dataclass
@@ -128,10 +129,9 @@ def plan_shape_sweep(spec: ShapeSweepSpec, world_size: int | None = None) -> lis
     return runs
 
 
-def write_manifest(spec: ShapeSweepSpec, runs: list[ShapeRun], mode: str,
-                   site: dict | None = None) -> Path:
+def record_plan(spec: ShapeSweepSpec, runs: list[ShapeRun], mode: str,
+                site: dict | None = None) -> Path:
     """``RUNS_DIR/NAME/shape_sweep.json``: the plan, how it ran, the job ids."""
-    spec.directory.mkdir(parents=True, exist_ok=True)
     cfg = load_config(spec.config, spec.overrides)
     manifest = {
         "kind": "shape",
@@ -149,53 +149,4 @@ def write_manifest(spec: ShapeSweepSpec, runs: list[ShapeRun], mode: str,
         "runs": [asdict(run) for run in runs],
         **({"site": site} if site is not None else {}),
     }
-    path = spec.directory / MANIFEST
-    path.write_text(json.dumps(manifest, indent=2) + "\n")
-    return path
-
-
-def load_manifest(directory: str | Path) -> dict[str, Any]:
-    path = Path(directory) / MANIFEST
-    if not path.is_file():
-        raise ConfigError(f"{path} not found: not a shape sweep directory (megatron-vwn shape "
-                          f"sweep writes it)")
-    return json.loads(path.read_text())
-
-
-def run_directory(manifest: dict[str, Any], run: dict[str, Any], directory: Path) -> Path:
-    """A run's directory: relative to the submission directory, else next to the manifest
-    (a sweep directory that was copied or moved)."""
-    path = Path(run["run_dir"])
-    if path.is_absolute():
-        return path
-    submitted = Path(manifest.get("submit_dir", ".")) / path
-    return submitted if submitted.is_dir() else directory / path.name
-
-
-def finished(run_dir: Path, iters: int) -> bool:
-    rows = read_metrics(run_dir / "metrics.jsonl")
-    return any(r.get("split") == "train" and r.get("iteration") == iters for r in rows)
-
-
-def run_local(runs: list[ShapeRun], nproc: int = 1) -> list[int]:
-    """Train the runs one after another here (``megatron-vwn train``); returns exit codes.
-    Runs that already reached ``train.iters`` are skipped."""
-    codes = []
-    for index, run in enumerate(runs, start=1):
-        cfg = load_config(run.train_args[0], run.train_args[1:])
-        if finished(Path(run.run_dir), cfg.train.iters):
-            logger.info("[%d/%d] %s: finished already, skipped", index, len(runs), run.name)
-            codes.append(0)
-            continue
-        command = [sys.executable, "-m", "megatron_vwn", "train", *run.train_args]
-        if nproc > 1:
-            command += ["--nproc", str(nproc)]
-        logger.info("[%d/%d] %s: L=%d D=%d (%s parameters, R_DW %.4f)", index, len(runs),
-                    run.name, run.shape["depth"], run.shape["hidden"], f"{run.shape['params']:,}",
-                    run.shape["r_dw"])
-        tick = time.monotonic()
-        code = subprocess.call(command)
-        logger.info("[%d/%d] %s: exit %d after %.0f s", index, len(runs), run.name, code,
-                    time.monotonic() - tick)
-        codes.append(code)
-    return codes
+    return write_manifest(spec.directory, SHAPE_MANIFEST, manifest)

@@ -23,9 +23,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from megatron_vwn.analysis.shape import INTERVAL
-from megatron_vwn.analysis.shape_sweep import load_manifest, run_directory
-from megatron_vwn.launch.sweep import read_metrics
+from megatron_vwn.runs.rows import read_rows
+from megatron_vwn.runs.sweeps import SHAPE_MANIFEST, read_manifest, run_directory
+from megatron_vwn.studies.shape import INTERVAL
 
 
 @dataclass
@@ -47,10 +47,10 @@ class RunResult:
 def collect(sweep_dir: str | Path) -> tuple[dict[str, Any], list[RunResult]]:
     """The manifest and one :class:`RunResult` per planned run (missing metrics: None)."""
     directory = Path(sweep_dir)
-    manifest = load_manifest(directory)
+    manifest = read_manifest(directory, SHAPE_MANIFEST)
     results = []
     for run in manifest["runs"]:
-        rows = read_metrics(run_directory(manifest, run, directory) / "metrics.jsonl")
+        rows = read_rows(run_directory(manifest, run, directory))
         valid = [r for r in rows if r.get("split") == "valid"]
         analysis = [r for r in rows if r.get("split") == "analysis"]
         shape = run["shape"]

@@ -8,7 +8,7 @@ Input: run directories (``config.yaml`` + ``metrics.jsonl``) and/or sweep direct
   ``flops`` (training FLOPs, ``tokens x`` :func:`megatron_vwn.model.accounting.flops_per_token`),
   ``complete`` (the run reached ``train.iters``; the table marks the others "partial"),
   ``token_speedup`` (next-token, against the backbone: see
-  :func:`megatron_vwn.analysis.curves.token_speedup`) and, for multi-token-prediction runs,
+  :func:`megatron_vwn.studies.curves.token_speedup`) and, for multi-token-prediction runs,
   ``final_valid_mtp_loss_1`` and ``token_speedup_next2`` (the next-2-token loss ``mtp_loss_1``
   against a backbone run that has the same head). ``fit`` is the least-squares line of final
   held-out loss against ``log2 r`` over the finished widened runs (``r > 1``, no MTP): ``slope``,
@@ -35,11 +35,12 @@ from typing import Any
 
 import yaml
 
-from megatron_vwn.analysis.curves import Curve, fit_log2, loss_gap, token_speedup
 from megatron_vwn.config import Config
 from megatron_vwn.config.errors import ConfigError
 from megatron_vwn.config.loader import from_dict
-from megatron_vwn.launch.sweep import MANIFEST, read_metrics
+from megatron_vwn.runs.rows import read_rows
+from megatron_vwn.runs.sweeps import WIDTH_MANIFEST, read_manifest, run_directory
+from megatron_vwn.studies.curves import Curve, fit_log2, loss_gap, token_speedup
 
 logger = logging.getLogger(__name__)
 
@@ -110,9 +111,10 @@ def load_run(directory: str | Path, name: str | None = None) -> RunData:
     directory = Path(directory)
     config_file = directory / "config.yaml"
     if not config_file.is_file():
-        raise ConfigError(f"{directory}: no config.yaml (not a run directory, and no {MANIFEST})")
+        raise ConfigError(f"{directory}: no config.yaml (not a run directory, and no "
+                          f"{WIDTH_MANIFEST})")
     cfg = from_dict(yaml.safe_load(config_file.read_text()) or {})
-    rows = read_metrics(directory / "metrics.jsonl")
+    rows = read_rows(directory)
     valid = [r for r in rows if r.get("split") == "valid"]
     train = [r for r in rows if r.get("split") == "train"]
     curves = {}
@@ -135,10 +137,10 @@ def find_runs(paths: list[str | Path]) -> list[RunData]:
     once."""
     runs, seen = [], set()
     for path in map(Path, paths):
-        if (path / MANIFEST).is_file():
-            manifest = json.loads((path / MANIFEST).read_text())
-            base = Path(manifest.get("submit_dir", "."))
-            entries = [(base / run["run_dir"], run["name"]) for run in manifest["runs"]]
+        if (path / WIDTH_MANIFEST).is_file():
+            manifest = read_manifest(path, WIDTH_MANIFEST)
+            entries = [(run_directory(manifest, run, path), run["name"])
+                       for run in manifest["runs"]]
         elif path.is_dir():
             entries = [(path, None)]
         else:
