@@ -202,11 +202,12 @@ class VWNFinalNorm(MegatronModule):
 
     def _rebuildable_source(self, wide: torch.Tensor):
         """With ``recompute=ghc``, the recipe of the last layer's output ``wide`` when backward
-        may rebuild it here: TP = 1 (the GroupNorm reads ``wide`` itself, not a slice) and a
-        recipe that rebuilds from a kept state in at most two steps; else ``None``."""
+        may rebuild it here: TP = 1 (the GroupNorm reads ``wide`` itself, not a slice), a
+        recipe that rebuilds from a kept state in at most two steps, and a ``wide`` that takes
+        gradients (the region's parameters get theirs through it); else ``None``."""
         chain = self.recompute_chain
         source = None if chain is None else chain.source_of(wide)
-        if (source is None or not torch.is_grad_enabled() or source.depth > 1
-                or self.config.tensor_model_parallel_size != 1):
+        if (source is None or not torch.is_grad_enabled() or not wide.requires_grad
+                or source.depth > 1 or self.config.tensor_model_parallel_size != 1):
             return None
         return source
