@@ -20,6 +20,7 @@ from megatron_vwn.model.moe import tag_routers
 from megatron_vwn.model.moe import transformer_config_fields as moe_fields
 from megatron_vwn.model.mtp import MTPLossRecorder, chain_wide_states
 from megatron_vwn.model.specs import model_specs, resolve_transformer_impl
+from megatron_vwn.model.width.ghc_recompute import link_recompute_chain
 from megatron_vwn.model.width.vwn import VWNShape
 from megatron_vwn.model.width.vwn_io import VWNEmbedding
 from megatron_vwn.training.fp8 import fp8_fields
@@ -139,6 +140,7 @@ def build_model_chunk(
         install_embedding(model, VWNEmbedding(config, shape, vocab_size, cfg.model.seq_length)
                           if model.pre_process or model.mtp_process else None)
         chain_wide_states(model)
+        link_recompute_chain(model)
     tag_routers(model)
     if model.mtp_process:
         model.compute_language_model_loss = MTPLossRecorder(

@@ -20,6 +20,7 @@ import pytest
 import torch
 
 from megatron_vwn.model.width.ghc import GHC, GHCInit, hc_init, vwn_init
+from megatron_vwn.model.width.ghc_recompute import RecomputeChain
 
 pytest.importorskip("triton")
 DIRECT = torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
@@ -226,10 +227,12 @@ def test_zero_tokens_and_a_zero_segment():
 
 
 def _two_sublayers(first, second, hidden, mix, mode, kernel, dtype):
-    """Two GHC modules in a row around a stand-in sublayer; the output and every gradient."""
+    """Two GHC modules in a row around a stand-in sublayer, sharing a recompute chain as the
+    modules of a model chunk do; the output and every gradient."""
     first, second = copy.deepcopy(first).to(dtype), copy.deepcopy(second).to(dtype)
+    chain = RecomputeChain()
     for ghc in (first, second):
-        ghc.recompute, ghc.kernel = mode, kernel
+        ghc.recompute, ghc.kernel, ghc.recompute_chain = mode, kernel, chain
     h = hidden.detach().to(dtype, copy=True).requires_grad_(True)
     mix = mix.to(dtype)
     x, saved = first.read(h)

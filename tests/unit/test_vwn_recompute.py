@@ -12,11 +12,16 @@ here: none 1.72, coefficients 1.60, ghc 1.34 (bench at D = 1024, (8,64): 1.93 / 
 
 from __future__ import annotations
 
+import gc
+import weakref
+
 import pytest
 import torch
 
 from megatron_vwn.config import load_config
 from megatron_vwn.model.builder import build_model
+from megatron_vwn.model.width.ghc import GHC, vwn_init
+from megatron_vwn.model.width.ghc_recompute import RecomputeChain
 
 D, SEQ, VOCAB = 128, 32, 128
 SHAPE = ["model.num_layers=2", f"model.hidden_size={D}", "model.num_attention_heads=1",
@@ -87,3 +92,89 @@ def test_ghc_recompute_gradients_for_hc_without_group_norm_and_with_mtp(single_p
     assert got[0] < ref[0]
     for name, grad in ref[2].items():
         torch.testing.assert_close(got[2][name], grad, rtol=1e-5, atol=1e-6, msg=name)
+
+
+# ------------------------------------------------------------------ the chain a model chunk owns
+M, N, D_B, TOKENS = 2, 4, 8, 5
+
+
+def _linked_pair(mode: str):
+    """Two dynamic GHC modules (non-trivial projections) sharing one chain, as in a chunk."""
+    torch.manual_seed(3)
+    chain = RecomputeChain()
+    pair = [GHC(M, N, D_B, vwn_init(M, N, D_B), recompute=mode, dtype=torch.float64)
+            for _ in range(2)]
+    for ghc in pair:
+        ghc.recompute_chain = chain
+        with torch.no_grad():
+            ghc.proj.normal_(0, 0.5)
+    return pair, chain
+
+
+def _first_write(first):
+    hidden = torch.randn(TOKENS, 1, N * D_B, dtype=torch.float64,
+                         generator=torch.Generator().manual_seed(0)).requires_grad_()
+    x, saved = first.read(hidden)
+    return hidden, first.write(torch.tanh(x), saved)
+
+
+def test_the_chain_knows_a_write_by_identity_and_lets_it_go():
+    (first, _), chain = _linked_pair("ghc")
+    _, out = _first_write(first)
+    assert vars(out) == {}  # no recipe rides on the tensor
+    source = chain.source_of(out)
+    assert source is not None
+    aliases = [out.view(out.shape), out.detach(), out[:],
+               torch.empty(0, dtype=out.dtype).set_(out.detach())]
+    for alias in aliases:  # same storage, same address, another tensor: no recipe
+        assert alias.untyped_storage().data_ptr() == out.untyped_storage().data_ptr()
+        assert chain.source_of(alias) is None
+    assert chain.source_of(out.clone()) is None
+    kept = weakref.ref(source)
+    del source, out, aliases
+    gc.collect()
+    assert kept() is None  # the recipe lived only as long as the output
+
+
+def test_a_tensor_sharing_the_written_storage_is_read_as_itself():
+    """The second module reads a tensor on the first write's storage whose values changed in
+    place since: the recipe (the values before) must not stand for it. A chain keyed by storage
+    address would rebuild the old values in backward and give other gradients."""
+    results = {}
+    for mode in ("none", "ghc"):
+        (first, second), _ = _linked_pair(mode)
+        hidden, out = _first_write(first)
+        alias = out.detach()
+        alias.mul_(2.0)  # same storage as `out`, other values
+        alias.requires_grad_()
+        x, saved = second.read(alias)
+        second.write(torch.tanh(x), saved).square().sum().backward()
+        results[mode] = [alias.grad, *(p.grad for p in second.parameters())]
+    for got, truth in zip(results["ghc"], results["none"], strict=True):
+        # fp64: the modes differ only in the order autograd sums the same terms
+        torch.testing.assert_close(got, truth, rtol=1e-12, atol=1e-12)
+
+
+def test_micro_batches_in_flight_keep_their_own_recipes(single_process):
+    """Pipeline schedules run several forwards before their backwards: each micro-batch's
+    reads find its own writes. Interleaved (F0 F1 B1 B0) equals one at a time (F0 B0 F1 B1)
+    exactly: each parameter's gradient is the same two sums added in the other order."""
+    g = torch.Generator().manual_seed(1)
+    batches = [_batch(), (torch.randint(0, VOCAB, (1, SEQ), generator=g), _batch()[1])]
+    grads = {}
+    for order in ("interleaved", "sequential"):
+        model = _model(*WIDE_8X, "model.vwn.recompute=ghc")
+
+        def loss(tokens, positions, model=model):
+            return model(tokens, positions, None, labels=tokens).float().mean()
+
+        if order == "interleaved":
+            losses = [loss(*batch) for batch in batches]
+            for value in reversed(losses):
+                value.backward()
+        else:
+            for batch in batches:
+                loss(*batch).backward()
+        grads[order] = {n: p.grad for n, p in model.named_parameters()}
+    for name, grad in grads["sequential"].items():
+        assert torch.equal(grads["interleaved"][name], grad), name

@@ -209,6 +209,7 @@ class GHC(torch.nn.Module):
         self.kernel = resolve_kernel(kernel)
         self.recompute = "coefficients" if recompute == "none" and recompute_coefficients \
             else recompute  # none | coefficients | ghc (ghc_recompute.py)
+        self.recompute_chain = None  # recompute=ghc: shared by the chunk (link_recompute_chain)
         kwargs = dict(dtype=dtype, device=device)
 
         def param(value: torch.Tensor, decay: bool) -> torch.nn.Parameter:
@@ -249,7 +250,8 @@ class GHC(torch.nn.Module):
         if self.dynamic and self.recompute == "ghc" and torch.is_grad_enabled():
             from megatron_vwn.model.width import ghc_recompute
 
-            source = ghc_recompute.source_of(hidden)
+            chain = self.recompute_chain
+            source = None if chain is None else chain.source_of(hidden)
             if source is not None and source.depth > 0:
                 source = None  # keep the state once per layer: rebuild only from a kept one
             functions, operands = _dynamic_functions(self.kernel), self._fused_operands()
@@ -279,9 +281,10 @@ class GHC(torch.nn.Module):
             new = ghc_recompute.RecomputedWrite.apply(
                 carry_t, write_t, blocks, state, *operands, self.m, self.eps, functions, source,
                 (s, b, self.n * self.d_b))
-            new._ghc_source = ghc_recompute.WideSource(
-                state=state if source is None else None, parent=source, blocks=blocks,
-                operands=operands, m=self.m, eps=self.eps, functions=functions)
+            if self.recompute_chain is not None:
+                self.recompute_chain.remember(new, ghc_recompute.WideSource(
+                    state=state if source is None else None, parent=source, blocks=blocks,
+                    operands=operands, m=self.m, eps=self.eps, functions=functions))
             return new
         if self.dynamic:
             _, write_fn = _dynamic_functions(self.kernel)

@@ -8,16 +8,18 @@ What dynamic GHC keeps for backward in this mode (docs/gpu.md, "Recompute modes"
   ``H' = write(coeffs(H), Z_attn, H)`` is rebuilt from the layer input ``H`` and the attention
   output ``Z_attn`` (both kept anyway, ``Z`` is ``D`` wide) by the MLP's GHC in backward;
 - at the end of the stack, neither the GroupNorm's input (the last layer's output, rebuilt the
-  same way) nor its output (recomputed from that): :func:`final_norm_region`.
+  same way) nor its output (recomputed from that): :class:`RecomputedFinalNorm`.
 
+A write's rebuild recipe (:class:`WideSource`) reaches the next reader through the
+:class:`RecomputeChain` its model chunk owns, which recognises the write's output by identity.
 Each rebuild runs the same read/write functions as forward (torch or Triton), so the values are
-the forward's. The tensors a rebuild needs are saved through ``save_for_backward`` (or reported
-to the enclosing saved-tensor hooks), so tools that count saved bytes see them.
+the forward's. The tensors a rebuild needs are saved through ``save_for_backward``, so tools
+that count saved bytes see them.
 """
 
 from __future__ import annotations
 
-import contextlib
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -87,7 +89,7 @@ class KeptRead(torch.autograd.Function):
 
 def _as_base(tensor: torch.Tensor, shape: tuple) -> torch.Tensor:
     """``tensor`` seen as ``shape`` without being a view (``_base`` None), so Megatron's
-    ``make_viewless_tensor`` passes it on as the same object (and its ``WideSource`` with it)."""
+    ``make_viewless_tensor`` passes it on as the same object (the one the chain remembers)."""
     return torch.empty(0, dtype=tensor.dtype, device=tensor.device).set_(
         tensor.untyped_storage(), tensor.storage_offset(), shape)
 
@@ -120,89 +122,63 @@ class RecomputedWrite(torch.autograd.Function):
         return (*(leaf.grad for leaf in leaves), *([None] * 8))
 
 
-def source_of(hidden: torch.Tensor) -> WideSource | None:
-    """The rebuild recipe a ``recompute=ghc`` write attached to its output, if any."""
-    return getattr(hidden, "_ghc_source", None)
+class RecomputeChain:
+    """The rebuild recipe of the last ``recompute=ghc`` write of one model chunk, shared by the
+    chunk's GHC modules and final norms (:func:`link_recompute_chain`).
+
+    A write hands its output and :class:`WideSource` to :meth:`remember`; the next reader asks
+    :meth:`source_of` with the tensor it was given and gets the recipe only if that tensor *is*
+    the output (object identity): a view, a detached alias or another tensor on the same storage
+    gets none and is kept as usual. The output is held weakly and the recipe is dropped when it
+    dies, so the chain keeps nothing alive that the output itself would not.
+    """
+
+    def __init__(self):
+        self._last: tuple[weakref.ref, WideSource] | None = None
+
+    def remember(self, output: torch.Tensor, source: WideSource) -> None:
+        self._last = (weakref.ref(output, self._forget), source)
+
+    def _forget(self, dead: weakref.ref) -> None:
+        if self._last is not None and self._last[0] is dead:
+            self._last = None
+
+    def source_of(self, hidden: torch.Tensor) -> WideSource | None:
+        """The recipe of ``hidden`` if it is the last write's output, else ``None``."""
+        last = self._last
+        return last[1] if last is not None and last[0]() is hidden else None
 
 
-def _outer_hooks():
-    """The saved-tensor hooks around ours (a byte counter, say), so that they still see every
-    tensor kept alive. ``None`` when there are none."""
-    top = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
-    return top(False) if top is not None else None
+def link_recompute_chain(chunk: torch.nn.Module) -> None:
+    """Give every member of one model chunk (the modules with a ``recompute_chain`` slot: GHC
+    connections and final norms) one shared chain, if any of its connections runs
+    ``recompute=ghc``; otherwise leave the slots empty."""
+    members = [module for module in chunk.modules() if hasattr(module, "recompute_chain")]
+    if any(getattr(module, "recompute", None) == "ghc" for module in members):
+        chain = RecomputeChain()
+        for module in members:
+            module.recompute_chain = chain
 
 
-class _Region:
-    """Saved-tensor hooks that replace the listed wide tensors by recipes (see
-    :func:`final_norm_region`)."""
-
-    def __init__(self, source: WideSource, wide: torch.Tensor):
-        self._recipes = {}  # storage pointer -> function rebuilding that storage's tensor
-        self._source = source
-        self._add(wide, self._rebuild_input)
-        self._outer = None
-        self._hooks = None
-
-    def _rebuild_input(self) -> torch.Tensor:
-        return self._source.rebuild()
-
-    def _add(self, tensor: torch.Tensor, rebuild) -> None:
-        self._recipes[tensor.untyped_storage().data_ptr()] = (rebuild, tensor.dtype)
-
-    def track(self, module, hidden: torch.Tensor) -> torch.Tensor:
-        """``module(hidden)``, its output rebuilt in backward as ``module(rebuilt hidden)``."""
-        out = module(hidden)
-        source_fn = self._recipes.get(hidden.untyped_storage().data_ptr())
-        if source_fn is not None:
-            rebuild = source_fn[0]
-
-            def recompute():
-                with torch.no_grad():
-                    return module(rebuild().view(hidden.shape))
-
-            self._add(out, recompute)
-        return out
-
-    def _pack(self, t: torch.Tensor):
-        recipe = self._recipes.get(t.untyped_storage().data_ptr())
-        if recipe is None or recipe[1] != t.dtype:
-            return ("kept", self._outer[0](t) if self._outer else t)
-        keep = [self._outer[0](s) for s in self._source.tensors()] if self._outer else []
-        return ("rebuilt", recipe[0], (t.shape, t.stride(), t.storage_offset()), keep)
-
-    def _unpack(self, packed):
-        if packed[0] == "kept":
-            return self._outer[1](packed[1]) if self._outer else packed[1]
-        _, rebuild, (shape, stride, offset), _ = packed
-        value = rebuild()
-        return value.as_strided(shape, stride, offset)  # same layout as the storage it replaces
-
-    def __enter__(self):
-        self._outer = _outer_hooks()
-        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
-        self._hooks.__enter__()
-        return self
-
-    def __exit__(self, *exc):
-        return self._hooks.__exit__(*exc)
-
-
-class _NoRegion(contextlib.nullcontext):
-    def __enter__(self):
-        return self
+class RecomputedFinalNorm(torch.autograd.Function):
+    """``region(H)`` (the final GroupNorm and ``W_reduce``) keeping neither ``H`` (the last
+    layer's output, rebuilt from its :class:`WideSource`) nor the GroupNorm's output: backward
+    rebuilds ``H``, runs ``region`` again and back-propagates through it, the parameters'
+    gradients accumulating as in Megatron-Core's reentrant recompute. The parameters are saved
+    too, so that autograd refuses a backward after they changed in place."""
 
     @staticmethod
-    def track(module, hidden: torch.Tensor) -> torch.Tensor:
-        return module(hidden)
+    def forward(ctx, wide, region, source, params):
+        ctx.save_for_backward(*params, *source.tensors())
+        ctx.meta = (region, source, wide.shape)
+        return region(wide)
 
-
-def final_norm_region(wide: torch.Tensor, hidden: torch.Tensor):
-    """Context for the final GroupNorm and reduce: with ``recompute=ghc`` (``wide`` carries a
-    :class:`WideSource`) and ``hidden`` still the same storage as ``wide`` (TP = 1, no SP),
-    neither the GroupNorm's input nor its output is kept: backward rebuilds the input from the
-    last layer's kept state and recomputes the GroupNorm (``region.track``). Otherwise a no-op."""
-    source = source_of(wide)
-    if (source is None or not torch.is_grad_enabled() or source.depth > 1
-            or hidden.untyped_storage().data_ptr() != wide.untyped_storage().data_ptr()):
-        return _NoRegion()
-    return _Region(source, hidden)
+    @staticmethod
+    def backward(ctx, grad):
+        region, source, shape = ctx.meta
+        ctx.saved_tensors  # noqa: B018 -- unpacking checks that nothing saved changed in place
+        wide = source.rebuild().view(shape).detach().requires_grad_()
+        with torch.enable_grad():
+            out = region(wide)
+        torch.autograd.backward(out, grad)
+        return wide.grad, None, None, None

@@ -34,7 +34,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
 
 from megatron_vwn.model.width.altup import init_stream_projections, rms_matched
-from megatron_vwn.model.width.ghc_recompute import final_norm_region
+from megatron_vwn.model.width.ghc_recompute import RecomputedFinalNorm
 from megatron_vwn.model.width.vwn import VWNShape
 
 
@@ -152,6 +152,7 @@ class VWNFinalNorm(MegatronModule):
         self.norm = build_module(final_norm, config=config, hidden_size=hidden_size, eps=eps)
         self.keep_input = False  # set when a multi-token-prediction depth reads the wide state
         self._kept: torch.Tensor | None = None
+        self.recompute_chain = None  # recompute=ghc: shared by the chunk (link_recompute_chain)
 
     def take_input(self) -> torch.Tensor:
         """The wide state of the last forward (kept only with ``keep_input``), handed over once."""
@@ -182,10 +183,31 @@ class VWNFinalNorm(MegatronModule):
                 hidden = tensor_parallel.gather_from_sequence_parallel_region(
                     hidden, tensor_parallel_output_grad=False
                 )
-            wide, hidden = hidden, tensor_parallel.scatter_to_tensor_model_parallel_region(hidden)
-            # recompute=ghc: neither the GroupNorm's input nor its output kept (ghc_recompute).
-            with final_norm_region(wide, hidden) as region:
-                if self.group_norm is not None:
-                    hidden = region.track(self.group_norm, hidden)  # [s, b, D'/tp]
-                hidden, _ = self.reduce(hidden)  # [s(/tp), b, D]
+            source = self._rebuildable_source(hidden)
+            hidden = tensor_parallel.scatter_to_tensor_model_parallel_region(hidden)
+            if source is None:
+                hidden = self._group_norm_and_reduce(hidden)
+            else:  # recompute=ghc: neither the GroupNorm's input nor its output kept
+                params = [p for module in (self.group_norm, self.reduce) if module is not None
+                          for p in module.parameters()]
+                hidden = RecomputedFinalNorm.apply(hidden, self._group_norm_and_reduce, source,
+                                                   params)
         return self.norm(hidden)
+
+    def _group_norm_and_reduce(self, hidden: torch.Tensor) -> torch.Tensor:
+        if self.group_norm is not None:
+            hidden = self.group_norm(hidden)  # [s, b, D'/tp]
+        hidden, _ = self.reduce(hidden)  # [s(/tp), b, D]
+        return hidden
+
+    def _rebuildable_source(self, wide: torch.Tensor):
+        """With ``recompute=ghc``, the recipe of the last layer's output ``wide`` when backward
+        may rebuild it here: TP = 1 (the GroupNorm reads ``wide`` itself, not a slice), a
+        recipe that rebuilds from a kept state in at most two steps, and a ``wide`` that takes
+        gradients (the region's parameters get theirs through it); else ``None``."""
+        chain = self.recompute_chain
+        source = None if chain is None else chain.source_of(wide)
+        if (source is None or not torch.is_grad_enabled() or not wide.requires_grad
+                or source.depth > 1 or self.config.tensor_model_parallel_size != 1):
+            return None
+        return source
