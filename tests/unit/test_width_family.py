@@ -291,7 +291,7 @@ def test_shipped_family_configs_are_valid(name):
 
 # Gemma 3n's dynamic AltUp -----------------------------------------------------------------------
 
-DYNAMIC2 = ["model.vwn.connection=altup", "model.vwn.n=2"]
+DYNAMIC2 = ["model.vwn.connection=altup", "model.vwn.n=2", "model.vwn.dynamic=true"]
 
 
 @pytest.mark.parametrize("blocks,active", [(2, 0), (3, 1)])
@@ -383,13 +383,13 @@ def test_embedding_auto_resolves_per_member_and_old_spellings_keep_their_meaning
     assert VwnConfig(connection="hc", n=4, embedding="wide").resolved_embedding == "replicated"
     assert VwnConfig(connection="mhc", n=4).resolved_embedding == "replicated"
     assert VwnConfig(connection="altup", n=2, dynamic=False).resolved_embedding == "wide"
-    assert VwnConfig(connection="altup", n=2).resolved_embedding == "projected"
+    assert VwnConfig(connection="altup", n=2, dynamic=True).resolved_embedding == "projected"
 
 
 @pytest.mark.parametrize("member", [
     ["model.vwn.m=2", "model.vwn.n=4"],
     ["model.vwn.connection=mhc", "model.vwn.n=4"],
-    ["model.vwn.connection=altup", "model.vwn.n=2"],  # dynamic: the router's norm
+    ["model.vwn.connection=altup", "model.vwn.n=2", "model.vwn.dynamic=true"],  # the router's norm
 ])
 def test_norm_epsilon_reaches_every_connection(member):
     """``model.vwn.norm_epsilon`` (default 1e-6, the value that was hard-coded) is the epsilon
@@ -400,8 +400,7 @@ def test_norm_epsilon_reaches_every_connection(member):
     for overrides, eps in (([], 1e-6), (["model.vwn.norm_epsilon=1e-5"], 1e-5)):
         cfg = load_config(None, [*member, *overrides])
         shape = VWNShape.from_config(cfg.model.vwn, cfg.model.hidden_size)
-        module = (shape.make_layer_connection(0, torch.float32) if shape.wraps_layer
-                  else shape.make_sublayer_connection(0, torch.float32))
+        module = shape.make_connection(0, torch.float32)
         assert module.eps == eps
     with pytest.raises(ConfigError, match="model.vwn.norm_epsilon"):
         load_config(None, [*member, "model.vwn.norm_epsilon=0"]).model.vwn.validate(128)
