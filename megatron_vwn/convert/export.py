@@ -31,6 +31,7 @@ from megatron_vwn.convert.megatron_io import LoadedModel, load_checkpoint, read_
 from megatron_vwn.convert.safetensors_io import DEFAULT_MAX_SHARD_BYTES, save_sharded
 from megatron_vwn.model.mcore_compat import MTP_INNER_LAYER
 from megatron_vwn.model.width.altup import active_block
+from megatron_vwn.model.width.registry import members
 
 logger = logging.getLogger(__name__)
 
@@ -200,6 +201,13 @@ def vwn_config(loaded: LoadedModel, dtype: str, token_ids: dict):
     return config
 
 
+def reference_files() -> list[Path]:
+    """Every registered member's reference module (``modeling_vwn.py`` imports them)."""
+    files = {Path(member.reference.__file__): None for member in members()
+             if member.reference is not None}  # GHC, HC and Frac share theirs
+    return list(files)
+
+
 def _connections(layer) -> list:
     """A layer's width-connection modules in slot order (none for a stock layer)."""
     return layer.connections() if hasattr(layer, "connection_slots") else []
@@ -269,6 +277,8 @@ def export_loaded(loaded: LoadedModel, out_dir: str | Path, *, fmt: str = "auto"
         config = vwn_config(loaded, dtype, token_ids)
         for name in REMOTE_FILES:
             shutil.copyfile(REMOTE_DIR / name, out_dir / name)
+        for reference in reference_files():
+            shutil.copyfile(reference, out_dir / reference.name)
     config.save_pretrained(out_dir)
     GenerationConfig(**token_ids).save_pretrained(out_dir)
     files = save_sharded(tensors, out_dir, max_shard_bytes)

@@ -38,6 +38,7 @@ import torch
 import torch.nn.functional as F
 
 from megatron_vwn.config.errors import ConfigError
+from megatron_vwn.model.width import altup_reference
 from megatron_vwn.model.width.registry import WidthMember, register, require_single_segment
 
 
@@ -142,14 +143,6 @@ class AltUp(torch.nn.Module):
                 f"dynamic={self.dynamic}")
 
 
-def rms_matched(x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """``x`` rescaled to ``target``'s RMS over the last dim, Gemma 3n's way (the mean square of
-    ``x`` clamped at 1e-5)."""
-    target_rms = target.float().square().mean(-1, keepdim=True).sqrt()
-    rms = x.float().square().mean(-1, keepdim=True).clamp(min=1e-5).sqrt()
-    return (x.float() * (target_rms / rms)).to(x.dtype)
-
-
 def init_stream_projections(weight: torch.Tensor) -> None:
     """Gemma 3n's stream projections ``[K-1, D, D]`` start ``N(0, 1/D)``, which keeps the
     input's scale: the RMS matching divides by ``max(mean square, 1e-5)``, and a projection
@@ -181,6 +174,7 @@ class AltUpMember(WidthMember):
     tied_embedding = "replicated"
     hf_params = ("predict_delta", "correct_delta", "router_norm", "router", "predict_coefs",
                  "correct_coefs")
+    reference = altup_reference
 
     def validate(self, vwn) -> None:
         require_single_segment(vwn, "K, the number of blocks")

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 import torch
 
 from megatron_vwn.config.errors import ConfigError
+from megatron_vwn.model.width import ghc_reference
 from megatron_vwn.model.width.registry import WidthMember, register, require_single_segment
 
 
@@ -310,6 +311,7 @@ class GHCMember(WidthMember):
     ghc_kernels = True
     hf_params = ("static_read", "static_carry", "static_write", "norm_weight", "proj",
                  "scale_a", "scale_b")
+    reference = ghc_reference
 
     def embedding(self, vwn) -> str:
         return "none" if vwn.n == vwn.m else super().embedding(vwn)

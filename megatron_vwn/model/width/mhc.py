@@ -31,6 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from megatron_vwn.model.width import mhc_reference
+from megatron_vwn.model.width.mhc_reference import sinkhorn
 from megatron_vwn.model.width.registry import (
     WidthMember,
     register,
@@ -53,17 +55,6 @@ class MhcConfig:
     off by about 3e-4 at 4; docs/width_family.md)."""
     reduce: Literal["mean", "sum"] = "mean"
     """How the n streams become the D-wide input of the final norm."""
-
-
-def sinkhorn(logits: torch.Tensor, iters: int) -> torch.Tensor:
-    """``SinkhornKnopp(exp(logits))`` over the last two dims ``[..., n, n]``: ``iters`` rounds of
-    row then column normalisation (columns sum to 1 exactly, rows to within the convergence).
-    The per-matrix maximum is subtracted first (the result does not depend on a scale)."""
-    matrix = torch.exp(logits - logits.amax(dim=(-2, -1), keepdim=True))
-    for _ in range(iters):
-        matrix = matrix / matrix.sum(dim=-1, keepdim=True)
-        matrix = matrix / matrix.sum(dim=-2, keepdim=True)
-    return matrix
 
 
 class MHC(torch.nn.Module):
@@ -161,6 +152,7 @@ class MHCMember(WidthMember):
     embeddings = ("auto", "replicated")
     swept_by_streams = True
     hf_params = ("norm_weight", "proj", "bias", "gate")
+    reference = mhc_reference
 
     def validate(self, vwn) -> None:
         require_single_segment(vwn, "the number of streams")

@@ -13,6 +13,7 @@ plain object and raises :class:`ConfigError` naming the key and the allowed valu
 
 from __future__ import annotations
 
+from types import ModuleType
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from megatron_vwn.config.errors import ConfigError
@@ -97,25 +98,32 @@ class WidthMember:
 
     hf_params: ClassVar[tuple[str, ...]] = ()
     """Parameter names of the connection modules, the same in the HF remote class."""
+    reference: ClassVar[ModuleType | None] = None
+    """The member's plain-torch reference of its equations: a self-contained module (torch
+    only) that the tests check the training module against and that the HF export copies
+    beside ``modeling_vwn.py``, whose classes build the member from it."""
 
     def hf_config(self, vwn: Any) -> dict[str, Any]:
         """Member-specific keyword arguments of the exported ``VWNConfig``."""
         return {}
 
 
-_MEMBERS: dict[str, WidthMember] = {}
+MEMBERS: dict[str, WidthMember] = {}
+"""``model.vwn.connection`` -> its member (one instance per registered class)."""
 
 
 def register(member: type[WidthMember]) -> type[WidthMember]:
     """Class decorator: make ``member`` the meaning of ``model.vwn.connection=member.name``."""
-    _MEMBERS[member.name] = member()
+    if member.name in MEMBERS:
+        raise ValueError(f"width member {member.name!r} is registered twice")
+    MEMBERS[member.name] = member()
     return member
 
 
 def member_of(connection: str) -> WidthMember:
     """The member registered as ``connection``; :class:`ConfigError` naming the allowed ones."""
     try:
-        return _MEMBERS[connection]
+        return MEMBERS[connection]
     except KeyError:
         raise ConfigError(f"model.vwn.connection ({connection!r}) must be one of "
                           f"{names()}") from None
@@ -123,12 +131,12 @@ def member_of(connection: str) -> WidthMember:
 
 def names() -> list[str]:
     """The registered members' names, sorted."""
-    return sorted(_MEMBERS)
+    return sorted(MEMBERS)
 
 
 def members() -> list[WidthMember]:
     """The registered members, sorted by name."""
-    return [_MEMBERS[name] for name in names()]
+    return [MEMBERS[name] for name in names()]
 
 
 def require_single_segment(vwn: Any, what: str) -> None:

@@ -33,7 +33,8 @@ from megatron.core.transformer.spec_utils import build_module
 from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
 
-from megatron_vwn.model.width.altup import active_block, init_stream_projections, rms_matched
+from megatron_vwn.model.width.altup import active_block, init_stream_projections
+from megatron_vwn.model.width.altup_reference import rms_matched
 from megatron_vwn.model.width.ghc_recompute import final_norm_region
 from megatron_vwn.model.width.shape import VWNShape
 
