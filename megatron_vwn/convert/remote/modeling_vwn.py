@@ -6,30 +6,12 @@ of a megatron-vwn model, with each width member's plain-torch reference of its e
 reproduces that model's forward pass. Tensors are ``[b, s, ...]``.
 
 Backbone (Llama): RMSNorm pre-norm, grouped-query attention with rotate-half RoPE, SwiGLU MLP.
-Virtual width (VWN arXiv 2511.11238, HC 2409.19606, FC 2503.14125): the residual stream is a wide
-state ``H`` of ``D' = n * d_b`` (``d_b = D / m``), viewed as ``n`` segments. Around every
-sublayer ``T`` a generalized hyper-connection (GHC) reads the ``D``-wide input and writes back:
-
-    X  = A_read(H)^T H                    [n, d_b] -> [m, d_b] -> x in R^D
-    Z  = T(x)                             the sublayer (its pre-norm inside, no residual add)
-    H' = B(H)^T Z + A_carry(H)^T H        [n, d_b]
-
-    dynamic part (fp32):  Hn = RMSNorm_{d_b}(H);  C = tanh(Hn [W_a | W_b] / tau)
-                          A(H) = S_a * C[:, :m+n] + [A_read | A_carry]
-                          B(H) = (S_b * C[:, m+n:])^T + B
-
-mHC (arXiv 2512.24880; ``m = 1``, ``n`` streams of ``D``) wraps each sublayer the same way:
-
-    x~ = RMSNorm(vec(x)) (fp32);  l = x~ [phi_pre | phi_post | phi_res]
-    H_pre = sigmoid(a_pre l_pre + b_pre), H_post = 2 sigmoid(a_post l_post + b_post),
-    H_res = SinkhornKnopp(exp(a_res l_res + b_res));  x' = H_res x + H_post^T F(H_pre x)
-
-AltUp (arXiv 2301.13310; ``m = 1``, ``K = n`` blocks of ``D``) wraps the whole layer ``L``
-(residual included), which computes block ``j*``:
-
-    static:  x^ = (I + P) x;  y_i = x^_i + (1 + g_i) (L(x_{j*}) - x^_{j*})
-    dynamic (Gemma 3n): r(v) = tanh(W_r RMSNorm(v) / D);  x^ = x + reshape(C r(x_{j*})) x;
-             x~ = L(x^_{j*});  y_i = x^_i + (1 + (c r(x~))_i) (x~ - x^_{j*})
+Virtual width (VWN arXiv 2511.11238, HC 2409.19606, FC 2503.14125, mHC 2512.24880, AltUp
+2301.13310): the residual stream is a wide state of ``D' = n * d_b`` (``d_b = D / m``). GHC (and
+its presets HC and Frac) and mHC wrap every sublayer; AltUp wraps the whole layer (residual
+included). Their equations are in the reference modules beside this file
+(``ghc_reference.py``, ``mhc_reference.py``, ``altup_reference.py``), the same files megatron-vwn
+checks its training modules against.
 
 Input: ``wide`` table ``V x D'``, ``factorized`` ``V x D`` then ``W_expand: D -> D'``, the
 ``D`` embedding replicated ``n`` times (HC, mHC, Recycled-AltUp), or ``projected`` (Gemma 3n:
