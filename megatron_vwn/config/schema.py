@@ -16,6 +16,9 @@ from typing import Literal
 
 from megatron_vwn.config.errors import ConfigError
 from megatron_vwn.config.switches import validate_schedule
+from megatron_vwn.model.width.altup import AltUpConfig
+from megatron_vwn.model.width.mhc import MhcConfig
+from megatron_vwn.model.width.registry import WidthMember, member_of
 
 
 def _positive(key: str, value: float | None, allow_zero: bool = False) -> None:
@@ -42,60 +45,36 @@ def _check_triton_available() -> None:
 
 
 @dataclass
-class MhcConfig:
-    """Manifold-constrained hyper-connections (``model.vwn.connection=mhc``; docs/width_family.md,
-    docs/methods.md §2.1)."""
-
-    sinkhorn_iters: int = 20
-    """Sinkhorn-Knopp iterations (row then column normalisation each) for ``H_res``."""
-    gate_init: float = 0.01
-    """Initial value of the three learnable scalar gates alpha (pre, post, res)."""
-    identity_bias: float = 0.0
-    """Initial ``b_res`` on the diagonal (0 off it). 0 starts ``H_res`` at the uniform matrix
-    1/n; a large value near the identity, where 20 Sinkhorn iterations converge slowly (rows
-    off by about 3e-4 at 4; docs/width_family.md)."""
-    reduce: Literal["mean", "sum"] = "mean"
-    """How the n streams become the D-wide input of the final norm."""
-
-
-@dataclass
-class AltUpConfig:
-    """Alternating updates (``model.vwn.connection=altup``; docs/width_family.md,
-    docs/methods.md §3)."""
-
-    selection: Literal["alternating", "same"] = "alternating"
-    """Which block a layer computes: ``layer mod K`` (alternating) or always block 0 (same)."""
-    reduce: Literal["sum", "mean", "active"] = "sum"
-    """How the K blocks become the D-wide input of the final norm: their sum, their mean, or
-    the block the last layer computed."""
-
-
-@dataclass
 class VwnConfig:
     """Virtual width and its family (docs/vwn.md, docs/width_family.md, docs/methods.md §1-3).
 
     ``m`` fraction rate, ``n`` expanded slots: segment width ``d_b = D / m``, virtual width
     ``D' = n * d_b``, factor ``r = n / m``. ``m = n = 1`` is the backbone, built as the stock
-    model. ``connection`` picks the family member: ``ghc`` (VWN's generalized hyper-connections),
+    model. ``connection`` picks the family member, a name in the registry
+    (:mod:`megatron_vwn.model.width.registry`): ``ghc`` (VWN's generalized hyper-connections),
     ``hc`` (hyper-connections: ``m = 1``, ``n`` replicated streams), ``frac``
     (frac-connections: ``n = m``, the width split into fractions), ``mhc`` (manifold-constrained
     hyper-connections: ``m = 1``, ``n`` streams) or ``altup`` (alternating updates: ``m = 1``,
-    ``n = K`` blocks, the whole layer computed on one block).
+    ``n = K`` blocks, the whole layer computed on one block). The member validates the keys
+    that concern it and resolves what depends on it (embedding, reduce, ``dynamic`` unset).
     """
 
     m: int = 1
     n: int = 1
-    connection: Literal["ghc", "hc", "frac", "mhc", "altup"] = "ghc"
+    connection: str = "ghc"
+    """A registered width member (ghc, hc, frac, mhc, altup)."""
     embedding: Literal["auto", "wide", "factorized", "replicated"] = "auto"
     """How the wide state starts. auto: wide for ghc and altup, replicated for hc and mhc.
     wide: a V x D' table (ghc, altup); factorized: a V x D table then D -> D' (ghc, tieable);
     replicated: the D-wide embedding copied n times (hc, mhc; altup: Recycled-AltUp). HC always
     replicates (wide is accepted as its old spelling); Frac needs no expansion (D' = D); dynamic
     altup (Gemma 3n) takes auto only: learned projections of the D-wide embedding."""
-    dynamic: bool = True
+    dynamic: bool | None = None
     """Token-dependent coefficients on top of the static ones; false keeps static A, B only
     (mhc: mappings from the biases only). altup: true is Gemma 3n's router variant (projected
-    streams at entry and exit), false the paper's static predict/correct."""
+    streams at entry and exit), false the paper's static predict/correct. Unset: the member's
+    paper (true for ghc, hc, frac, mhc; false for altup), resolved when the config is built, so
+    the stored config (``config.yaml``, checkpoints) holds the value the model used."""
     group_norm: Literal["auto", "on", "off"] = "auto"
     """GroupNorm (groups of size D) before the reduce; auto: on for integer r, off otherwise."""
     recompute_coefficients: bool = False
@@ -121,20 +100,31 @@ class VwnConfig:
     mhc: MhcConfig = field(default_factory=MhcConfig)
     altup: AltUpConfig = field(default_factory=AltUpConfig)
 
+    def __post_init__(self) -> None:
+        if self.dynamic is None:
+            try:
+                self.dynamic = member_of(self.connection).dynamic_default
+            except ConfigError:
+                pass  # an unknown connection: validate() names the allowed ones
+
+    @property
+    def member(self) -> WidthMember:
+        """The registered member ``connection`` names."""
+        return member_of(self.connection)
+
     @property
     def enabled(self) -> bool:
-        return not (self.m == 1 and self.n == 1 and self.connection == "ghc")
+        return not (self.m == 1 and self.n == 1 and self.member.unit_width_is_backbone)
 
     @property
     def resolved_embedding(self) -> str:
-        """wide | factorized | replicated | none (D' = D: nothing to expand)."""
-        if self.connection in ("hc", "mhc"):
-            return "replicated"
-        if self.connection == "altup" and self.dynamic:
-            return "projected"
-        if self.connection == "frac" or (self.connection == "ghc" and self.n == self.m):
-            return "none"
-        return "wide" if self.embedding == "auto" else self.embedding
+        """wide | factorized | replicated | projected | none (D' = D: nothing to expand)."""
+        return self.member.embedding(self)
+
+    @property
+    def resolved_reduce(self) -> str:
+        """How the wide state ends: ghc (GroupNorm + W_reduce) | sum | mean | active | none."""
+        return self.member.reduce(self)
 
     def validate(self, hidden_size: int) -> None:
         _positive("model.vwn.m", self.m)
@@ -149,39 +139,19 @@ class VwnConfig:
             raise ConfigError(
                 f"model.vwn.m ({self.m}) must divide model.hidden_size ({hidden_size})"
             )
-        if self.connection in ("hc", "mhc", "altup") and self.m != 1:
-            what = "K, the number of blocks" if self.connection == "altup" \
-                else "the number of streams"
-            raise ConfigError(
-                f"model.vwn.connection={self.connection} needs model.vwn.m = 1 (got {self.m}); "
-                f"n is {what}"
-            )
-        if self.connection == "frac" and self.n != self.m:
-            raise ConfigError(
-                f"model.vwn.connection=frac needs model.vwn.n = model.vwn.m (got m={self.m}, "
-                f"n={self.n}); use connection=ghc for n > m"
-            )
-        allowed = {"ghc": ("auto", "wide", "factorized"), "hc": ("auto", "wide", "replicated"),
-                   "frac": ("auto", "wide", "factorized"), "mhc": ("auto", "replicated"),
-                   "altup": ("auto", "wide", "replicated")}[self.connection]
-        if self.embedding not in allowed:
+        member = member_of(self.connection)
+        member.validate(self)
+        if self.embedding not in member.embeddings:
             raise ConfigError(
                 f"model.vwn.embedding={self.embedding} does not go with "
-                f"model.vwn.connection={self.connection}; allowed: {', '.join(allowed)}"
+                f"model.vwn.connection={self.connection}; allowed: {', '.join(member.embeddings)}"
             )
-        if self.connection == "altup" and self.dynamic and self.embedding != "auto":
-            raise ConfigError(
-                f"model.vwn.embedding={self.embedding} does not go with model.vwn.connection="
-                f"altup and model.vwn.dynamic=true (Gemma 3n's streams start as projections of "
-                f"the D-wide embedding); allowed: auto, or model.vwn.dynamic=false"
-            )
-        if self.group_norm == "on" and self.connection != "ghc":
+        if self.group_norm == "on" and not member.group_norm_option:
             raise ConfigError(
                 f"model.vwn.group_norm=on applies to model.vwn.connection=ghc only (got "
                 f"{self.connection}); allowed here: auto, off"
             )
-        if self.connection in ("mhc", "altup") and (self.recompute != "none"
-                                                     or self.kernel == "triton"):
+        if not member.ghc_kernels and (self.recompute != "none" or self.kernel == "triton"):
             key = (f"model.vwn.recompute={self.recompute}" if self.recompute != "none"
                    else "model.vwn.kernel=triton")
             raise ConfigError(
@@ -206,11 +176,7 @@ class VwnConfig:
 
     @property
     def use_group_norm(self) -> bool:
-        if self.connection != "ghc" or self.n == self.m:
-            return False
-        if self.group_norm == "auto":
-            return self.n % self.m == 0
-        return self.group_norm == "on"
+        return self.member.group_norm(self)
 
 
 @dataclass
@@ -361,7 +327,7 @@ class ModelConfig:
         self.mtp.validate()
         self.moe.validate(self.num_layers)
         if self.tie_embeddings and self.vwn.enabled and self.vwn.resolved_embedding == "wide":
-            other = "replicated" if self.vwn.connection == "altup" else "factorized"
+            other = self.vwn.member.tied_embedding
             raise ConfigError(
                 "model.tie_embeddings=true cannot tie the V x D' table of "
                 "model.vwn.embedding=wide to the V x D output layer; use "

@@ -45,8 +45,8 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
     _validate_vwn_layout(cfg)
     _validate_moe_layout(cfg)
     vwn = model.vwn
-    if (model.mtp.num_layers and par.pipeline > 1 and vwn.enabled and vwn.connection == "ghc"
-            and vwn.embedding == "factorized" and vwn.n > vwn.m):
+    if (model.mtp.num_layers and par.pipeline > 1 and vwn.enabled
+            and vwn.resolved_embedding == "factorized"):
         raise ConfigError(
             "model.mtp.num_layers > 0 with parallel.pipeline > 1 needs the MTP stage's copy of "
             "the embedding kept in sync, which Megatron-Core does for the table only, not for "
@@ -84,7 +84,7 @@ def _validate_vwn_layout(cfg: Config) -> None:
     """The reduce ``D' -> D`` is sharded over TP by slices of ``D'``; GroupNorm needs whole
     groups (of size D) on every rank."""
     vwn, tp = cfg.model.vwn, cfg.parallel.tensor
-    if not vwn.enabled or vwn.connection != "ghc" or vwn.n == vwn.m or tp == 1:
+    if not vwn.enabled or vwn.resolved_reduce != "ghc" or tp == 1:
         return
     width = vwn.n * (cfg.model.hidden_size // vwn.m)
     if width % tp:

@@ -30,6 +30,8 @@ from megatron_vwn.convert.keymap import to_hf
 from megatron_vwn.convert.maps import MapShape, llama_rules, vwn_rules
 from megatron_vwn.convert.megatron_io import LoadedModel, load_checkpoint, read_saved_run
 from megatron_vwn.convert.safetensors_io import DEFAULT_MAX_SHARD_BYTES, save_sharded
+from megatron_vwn.model.width.altup import active_block
+from megatron_vwn.model.width.registry import members
 
 logger = logging.getLogger(__name__)
 
@@ -161,9 +163,7 @@ def vwn_config(loaded: LoadedModel, dtype: str, token_ids: dict):
 
     model = loaded.cfg.model
     vwn = model.vwn
-    first = loaded.model.decoder.layers[0]
-    ghc = getattr(first, "attention_ghc", None)
-    connection = ghc if ghc is not None else getattr(first, "altup", None)
+    connection = _connections(loaded.model.decoder.layers[0])[0] if vwn.enabled else None
     shape = loaded.model.decoder.final_layernorm.vwn if vwn.enabled else None
     mtp = getattr(loaded.model, "mtp", None)
     mtp_layers = [getattr(layer, MTP_INNER_LAYER) for layer in mtp.layers] if mtp else []
@@ -179,15 +179,14 @@ def vwn_config(loaded: LoadedModel, dtype: str, token_ids: dict):
         vwn_m=vwn.m if vwn.enabled else 1, vwn_n=vwn.n if vwn.enabled else 1,
         vwn_embedding=vwn.resolved_embedding, vwn_dynamic=vwn.dynamic,
         vwn_group_norm=vwn.use_group_norm,
-        vwn_tau=float(getattr(ghc, "tau", 1.0)),
-        vwn_scalar_scales=vwn.connection == "hc",
+        vwn_tau=float(getattr(connection, "tau", 1.0)),
+        **(vwn.member.hf_config(vwn) if vwn.enabled else {}),
         ghc_norm_eps=float(connection.eps) if connection is not None else 1e-6,
         vwn_reduce=shape.reduce if shape is not None else "none",
         mhc_sinkhorn_iters=vwn.mhc.sinkhorn_iters,
-        altup_active=[layer.altup.active for layer in loaded.model.decoder.layers
-                      if hasattr(layer, "altup")],
-        altup_mtp_active=[layer.altup.active for layer in mtp_layers if hasattr(layer, "altup")],
-        altup_exit_block=shape.active_block(shape.num_layers - 1) if shape is not None else 0,
+        altup_active=_layer_connection_blocks(loaded.model.decoder.layers),
+        altup_mtp_active=_layer_connection_blocks(mtp_layers),
+        altup_exit_block=active_block(shape, shape.num_layers - 1) if shape is not None else 0,
         num_mtp_layers=model.mtp.num_layers,
         moe_num_experts=model.moe.num_experts, moe_top_k=model.moe.top_k,
         moe_intermediate_size=model.moe.expert_ffn_size(model.ffn_size),
@@ -200,6 +199,24 @@ def vwn_config(loaded: LoadedModel, dtype: str, token_ids: dict):
     config.auto_map = {"AutoConfig": "configuration_vwn.VWNConfig",
                        "AutoModelForCausalLM": "modeling_vwn.VWNForCausalLM"}
     return config
+
+
+def reference_files() -> list[Path]:
+    """Every registered member's reference module (``modeling_vwn.py`` imports them)."""
+    files = {Path(member.reference.__file__): None for member in members()
+             if member.reference is not None}  # GHC, HC and Frac share theirs
+    return list(files)
+
+
+def _connections(layer) -> list:
+    """A layer's width-connection modules in slot order (none for a stock layer)."""
+    return layer.connections() if hasattr(layer, "connection_slots") else []
+
+
+def _layer_connection_blocks(layers) -> list[int]:
+    """The block each layer-wrapping connection computes (AltUp's ``active``), in layer order."""
+    return [layer.connections()[0].active for layer in layers
+            if hasattr(layer, "connection_slots") and layer.wraps_layer]
 
 
 def _staging_dir(out_dir: Path) -> Path:
@@ -260,6 +277,8 @@ def export_loaded(loaded: LoadedModel, out_dir: str | Path, *, fmt: str = "auto"
         config = vwn_config(loaded, dtype, token_ids)
         for name in REMOTE_FILES:
             shutil.copyfile(REMOTE_DIR / name, out_dir / name)
+        for reference in reference_files():
+            shutil.copyfile(reference, out_dir / reference.name)
     config.save_pretrained(out_dir)
     GenerationConfig(**token_ids).save_pretrained(out_dir)
     files = save_sharded(tensors, out_dir, max_shard_bytes)

@@ -13,12 +13,7 @@ from dataclasses import dataclass
 from megatron_vwn.compat.mcore import MTP_INNER_LAYER
 from megatron_vwn.config.schema import ModelConfig
 from megatron_vwn.convert.keymap import FusedGateUp, FusedQKV, Rule, Same, VocabRows
-
-GHC_PARAMS = ("static_read", "static_carry", "static_write", "norm_weight", "proj", "scale_a",
-              "scale_b")
-MHC_PARAMS = ("bias", "gate")  # beside norm_weight and proj, in the same sublayer slots
-ALTUP_PARAMS = ("predict_delta", "correct_delta", "router_norm", "router", "predict_coefs",
-                "correct_coefs")
+from megatron_vwn.model.width.registry import members
 
 
 @dataclass(frozen=True)
@@ -75,11 +70,18 @@ def layer_rules(megatron: str, hf: str, shape: MapShape, ghc: bool) -> list[Rule
         *mixtral_moe_rules(megatron, hf),
     ]
     if ghc:
-        for ours, theirs in (("attention_ghc", "attn_ghc"), ("mlp_ghc", "mlp_ghc")):
-            rules += [Rule(f"{megatron}{ours}.{p}", (f"{hf}{theirs}.{p}",))
-                      for p in (*GHC_PARAMS, *MHC_PARAMS)]
-        rules += [Rule(f"{megatron}altup.{p}", (f"{hf}altup.{p}",)) for p in ALTUP_PARAMS]
+        rules += width_rules(megatron, hf)
     return rules
+
+
+def width_rules(megatron: str, hf: str) -> list[Rule]:
+    """Every registered member's connection parameters, slot by slot (members sharing a slot
+    share its rules: GHC, HC, Frac and mHC)."""
+    names: dict[tuple[str, str], None] = {}
+    for member in members():
+        for ours, theirs in member.hf_slots().items():
+            names.update({(f"{ours}.{p}", f"{theirs}.{p}"): None for p in member.hf_params})
+    return [Rule(f"{megatron}{ours}", (f"{hf}{theirs}",)) for ours, theirs in names]
 
 
 def output_norm_rules(megatron: str, hf: str) -> list[Rule]:

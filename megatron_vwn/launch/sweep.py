@@ -49,8 +49,6 @@ DEFAULT_WIDTHS = (1.0, 2.0, 4.0, 8.0)
 DEFAULT_RUNS_DIR = "runs/sweeps"
 # The keys a sweep sets per run; user overrides may not touch them.
 RESERVED = ("model.vwn.m", "model.vwn.n", "model.vwn.connection", "run.dir", "run.name")
-# Members swept by their number of D-wide streams (mhc) or blocks (altup): r -> (m, n) = (1, r).
-STREAM_CONNECTIONS = ("mhc", "altup")
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
@@ -182,15 +180,16 @@ def plan_sweep(spec: SweepSpec, world_size: int | None = None) -> list[SweepRun]
         if key in RESERVED:
             raise ConfigError(f"{key} is set by the sweep for every width; use --widths, "
                               f"--name or --runs-dir instead of overriding it")
-    connection = load_config(spec.config, spec.overrides).model.vwn.connection
-    if connection not in STREAM_CONNECTIONS:
-        connection = "ghc"
+    # Members swept by their number of D-wide streams or blocks: r -> (m, n) = (1, r); the
+    # others sweep GHC.
+    member = load_config(spec.config, spec.overrides).model.vwn.member
+    connection = member.name if member.swept_by_streams else "ghc"
     runs, shared = [], None
     for width in spec.widths:
-        if connection == "ghc":
-            m, n = width_to_vwn(width)
-        else:
+        if member.swept_by_streams:
             m, n = width_to_streams(width, connection)
+        else:
+            m, n = width_to_vwn(width)
         tag = width_tag(width)
         name = f"{spec.sweep_name}-{tag}"
         run_dir = str(Path(spec.runs_dir) / spec.sweep_name / tag)

@@ -54,38 +54,17 @@ def moe_layer_count(model: ModelConfig) -> int:
     return model.num_layers - model.moe.dense_layers if model.moe.enabled else 0
 
 
-def ghc_params(vwn: VwnConfig, hidden_size: int) -> int:
-    """One GHC module (docs/methods.md §1.4): static A, B ``n(2m+n)``; dynamic: scales ``n(2m+n)``
-    (2 scalars for HC), projection ``d_b(2m+n)``, norm gain ``d_b``."""
-    m, n, d_b = vwn.m, vwn.n, hidden_size // vwn.m
-    static = n * (2 * m + n)
-    if not vwn.dynamic:
-        return static
-    scales = 2 if vwn.connection == "hc" else n * (2 * m + n)
-    return static + scales + d_b * (2 * m + n) + d_b
-
-
-def mhc_params(vwn: VwnConfig, hidden_size: int) -> int:
-    """One mHC module (docs/methods.md §2.1): biases ``2n + n^2``; dynamic: ``phi``
-    ``nD(2n + n^2)``, the norm gain ``nD`` and three gates."""
-    n = vwn.n
-    outputs = 2 * n + n * n
-    if not vwn.dynamic:
-        return outputs
-    return outputs + n * hidden_size * (outputs + 1) + 3
-
-
 def connection_params_per_layer(vwn: VwnConfig, hidden_size: int) -> int:
-    """The width-connection parameters of one layer: two sublayer modules, or AltUp's
-    ``K^2 + K`` (predict, correct)."""
-    if vwn.connection == "altup":
-        k = vwn.n
-        if vwn.dynamic:  # router norm and weight, C: K -> K^2, c: K -> K
-            return hidden_size + k * hidden_size + k ** 3 + k * k
-        return k * k + k
-    if vwn.connection == "mhc":
-        return 2 * mhc_params(vwn, hidden_size)
-    return 2 * ghc_params(vwn, hidden_size)
+    """The width-connection parameters of one layer (the member's count)."""
+    return vwn.member.layer_params(vwn, hidden_size)
+
+
+def reduce_params(vwn: VwnConfig, hidden_size: int) -> int:
+    """The exit's ``W_reduce`` and GroupNorm (``vwn_io.py``; 0 for the other exits)."""
+    if vwn.resolved_reduce != "ghc":
+        return 0
+    wide = virtual_width(vwn, hidden_size)
+    return wide * hidden_size + (2 * wide if vwn.use_group_norm else 0)
 
 
 def virtual_width(vwn: VwnConfig, hidden_size: int) -> int:
@@ -106,8 +85,7 @@ def count_params(model: ModelConfig, vocab_size: int) -> ParamCounts:
             other += wide * d  # W_expand
         elif embedding == "projected":  # Gemma 3n: K-1 stream projections in, K-1 out
             other += 2 * (vwn.n - 1) * d * d
-        if vwn.connection == "ghc" and wide > d:
-            other += wide * d + (2 * wide if vwn.use_group_norm else 0)  # W_reduce, GroupNorm
+        other += reduce_params(vwn, d)
     embedding = vocab_size * table + (0 if model.tie_embeddings else vocab_size * d)
     moe_layers = moe_layer_count(model)
     backbone = ((model.num_layers - moe_layers) * layer_params(model)
@@ -117,34 +95,9 @@ def count_params(model: ModelConfig, vocab_size: int) -> ParamCounts:
     return ParamCounts(embedding=embedding, backbone=backbone, other=other, inactive=inactive)
 
 
-def ghc_flops_per_token(vwn: VwnConfig, hidden_size: int) -> int:
-    """Forward FLOPs of one GHC module per token (VWN Sec. 3.5): RMSNorm ``4rD``, dynamic
-    coefficients ``2(2m+n)rD``, width connection ``2(m+n)rD``, depth connection ``2nD``."""
-    m, n, d = vwn.m, vwn.n, hidden_size
-    r_d = n * d // m
-    norm_and_coeffs = (4 + 2 * (2 * m + n)) * r_d if vwn.dynamic else 0
-    return norm_and_coeffs + 2 * (m + n) * r_d + 2 * n * d
-
-
-def mhc_flops_per_token(vwn: VwnConfig, hidden_size: int) -> int:
-    """Forward FLOPs of one mHC module per token: RMSNorm ``4nD``, projection
-    ``2nD(2n + n^2)`` (dynamic), ``H_pre x`` ``2nD``, ``H_res x`` ``2n^2 D``, ``H_post^T F``
-    ``2nD`` (Sinkhorn's ``O(t n^2)`` is left out)."""
-    n, d = vwn.n, hidden_size
-    mappings = (4 + 2 * (2 * n + n * n)) * n * d if vwn.dynamic else 0
-    return mappings + 4 * n * d + 2 * n * n * d
-
-
 def layer_connection_flops_per_token(vwn: VwnConfig, hidden_size: int) -> int:
-    """Forward FLOPs of one layer's width connection per token (AltUp: predict ``2K^2 D``,
-    correct ``3KD``; dynamic: two routers, RMSNorm ``4D`` and ``2KD`` each)."""
-    if vwn.connection == "altup":
-        static = 2 * vwn.n * vwn.n * hidden_size + 3 * vwn.n * hidden_size
-        router = 2 * (4 * hidden_size + 2 * vwn.n * hidden_size) if vwn.dynamic else 0
-        return static + router
-    if vwn.connection == "mhc":
-        return 2 * mhc_flops_per_token(vwn, hidden_size)
-    return 2 * ghc_flops_per_token(vwn, hidden_size)
+    """Forward FLOPs of one layer's width connection per token (the member's count)."""
+    return vwn.member.layer_flops(vwn, hidden_size)
 
 
 def vwn_flops_per_token(model: ModelConfig) -> int:
@@ -162,7 +115,7 @@ def vwn_flops_per_token(model: ModelConfig) -> int:
 def _reduce_forward_flops(vwn: VwnConfig, hidden_size: int) -> int:
     """Forward FLOPs per token of GHC's ``W_reduce: D' -> D`` (0 when there is no reduce)."""
     wide = virtual_width(vwn, hidden_size)
-    return 2 * wide * hidden_size if vwn.connection == "ghc" and wide > hidden_size else 0
+    return 2 * wide * hidden_size if vwn.resolved_reduce == "ghc" else 0
 
 
 def _layer_forward_flops(model: ModelConfig, moe_layer: bool = False) -> int:

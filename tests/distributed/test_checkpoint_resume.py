@@ -44,7 +44,8 @@ CASES: dict[str, list[str]] = {
     # the rest of the family: mHC's mappings, AltUp's predict/correct and its wide table
     "mhc": ["model.vwn.connection=mhc", "model.vwn.n=4"],
     "altup": ["model.vwn.connection=altup", "model.vwn.n=2", "model.vwn.dynamic=false"],
-    "altup_dynamic": ["model.vwn.connection=altup", "model.vwn.n=2"],  # + stream projections
+    "altup_dynamic": ["model.vwn.connection=altup", "model.vwn.n=2",  # + stream projections
+                      "model.vwn.dynamic=true"],
     # warmup-stable-decay, stopped and resumed inside its decay phase (iterations 5..12)
     "wsd": ["train.lr_schedule=wsd", "train.lr_decay_iters=12", "train.lr_wsd_decay_iters=8",
             "train.lr_wsd_decay_style=cosine"],

@@ -75,7 +75,7 @@ FAMILY = {
     "altup2": ALTUP,
     "recycled2": [*ALTUP, "model.vwn.embedding=replicated"],
     # Gemma 3n's router variant (stream projections at entry and exit; MTP with PP is refused)
-    "altup2_dynamic": ["model.vwn.connection=altup", "model.vwn.n=2"],
+    "altup2_dynamic": ["model.vwn.connection=altup", "model.vwn.n=2", "model.vwn.dynamic=true"],
 }
 FAMILY_MTP = {f"{name}_mtp1": [*FAMILY[name], "model.mtp.num_layers=1",
                                "model.mtp.loss_weight=0.3"] for name in ("mhc4", "altup2")}

@@ -33,7 +33,7 @@ FAMILY = {
     "altup": ["model.vwn.connection=altup", "model.vwn.n=2", "model.vwn.dynamic=false"],
     "recycled": ["model.vwn.connection=altup", "model.vwn.n=2", "model.vwn.dynamic=false",
                  "model.vwn.embedding=replicated"],
-    "altup_dynamic": ["model.vwn.connection=altup", "model.vwn.n=3"],
+    "altup_dynamic": ["model.vwn.connection=altup", "model.vwn.n=3", "model.vwn.dynamic=true"],
 }
 # A plain Mixtral-shaped MoE backbone (docs/moe.md): every layer 4 experts, top-2 softmax.
 MOE = ["model.moe.num_experts=4", "model.moe.top_k=2", "model.moe.ffn_hidden_size=64"]

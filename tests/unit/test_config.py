@@ -80,11 +80,12 @@ CASES = [
     (["model.vwn.m=2", "model.vwn.n=4", "model.vwn.embedding=replicated"],
      "model.vwn.embedding=replicated does not go with model.vwn.connection=ghc; allowed: auto, "
      "wide, factorized"),
-    (["model.vwn.connection=altup", "model.vwn.n=2", "model.vwn.embedding=wide"],
+    (["model.vwn.connection=altup", "model.vwn.n=2", "model.vwn.embedding=wide",
+      "model.vwn.dynamic=true"],
      "model.vwn.embedding=wide does not go with model.vwn.connection=altup and "
      "model.vwn.dynamic=true"),
-    (["model.vwn.connection=altup", "model.vwn.n=2", "model.mtp.num_layers=1",
-      "parallel.pipeline=2"],
+    (["model.vwn.connection=altup", "model.vwn.n=2", "model.vwn.dynamic=true",
+      "model.mtp.num_layers=1", "parallel.pipeline=2"],
      "model.mtp.num_layers > 0 with parallel.pipeline > 1 needs the MTP stage's copy of the "
      "embedding kept in sync, which Megatron-Core does for the table only, not for dynamic"),
     (["model.vwn.connection=altup", "model.vwn.n=2", "model.vwn.dynamic=false",

@@ -134,7 +134,7 @@ WIDTH_MEMBERS = {
     "frac2": ["model.vwn.connection=frac", "model.vwn.m=2", "model.vwn.n=2"],
     "mhc4": ["model.vwn.connection=mhc", "model.vwn.n=4"],
     "altup2": ["model.vwn.connection=altup", "model.vwn.n=2", "model.vwn.dynamic=false"],
-    "altup2_dynamic": ["model.vwn.connection=altup", "model.vwn.n=2"],
+    "altup2_dynamic": ["model.vwn.connection=altup", "model.vwn.n=2", "model.vwn.dynamic=true"],
 }
 
 

@@ -12,6 +12,7 @@ from megatron_vwn.config import load_config
 from megatron_vwn.model.accounting import count_params
 from megatron_vwn.model.builder import build_model, build_transformer_config
 from megatron_vwn.model.width.ghc import GHC, GHCInit, hc_init, vwn_init
+from megatron_vwn.model.width.ghc_reference import GHCReference
 from megatron_vwn.model.width.vwn import VWNTransformerLayer
 
 VOCAB = 256
@@ -216,16 +217,14 @@ def test_ghc_matches_hand_computation():
 
 
 def _ghc_reference(ghc: GHC, hidden: torch.Tensor, z: torch.Tensor):
-    """GHC straight from its equations, batched, differentiated by autograd."""
-    m, n, d_b = ghc.m, ghc.n, ghc.d_b
-    H = hidden.reshape(-1, n, d_b)
-    Hn = H / torch.sqrt((H ** 2).mean(-1, keepdim=True) + ghc.eps) * ghc.norm_weight
-    C = torch.tanh(Hn @ ghc.proj / ghc.tau)  # [T, n, 2m + n]
-    A = ghc.scale_a * C[..., : m + n] + torch.cat([ghc.static_read, ghc.static_carry], 1)
-    B = (ghc.scale_b * C[..., m + n:]).transpose(1, 2) + ghc.static_write  # [T, m, n]
-    x = A[..., :m].transpose(1, 2) @ H
-    out = B.transpose(1, 2) @ z.reshape(-1, m, d_b) + A[..., m:].transpose(1, 2) @ H
-    return x.reshape(z.shape), out.reshape(hidden.shape)
+    """GHC straight from its equations (the member's reference module, the HF export's GHC) on
+    ``ghc``'s own parameters, differentiated by autograd."""
+    reference = GHCReference(ghc.m, ghc.n, ghc.d_b, dynamic=ghc.dynamic, tau=ghc.tau,
+                             eps=ghc.eps)
+    for name, param in ghc.named_parameters():
+        setattr(reference, name, param)  # shared: gradients land on ghc's parameters
+    x, saved = reference.read(hidden)
+    return x, reference.write(z, saved)
 
 
 @pytest.mark.parametrize("case", ["vwn_2_3", "vwn_4_8", "hc_1_4", "random_3_5", "recompute"])

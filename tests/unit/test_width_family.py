@@ -11,7 +11,9 @@ import torch
 from megatron_vwn.config import load_config
 from megatron_vwn.model.accounting import count_params
 from megatron_vwn.model.width.altup import AltUp
-from megatron_vwn.model.width.mhc import MHC, sinkhorn
+from megatron_vwn.model.width.altup_reference import AltUpReference
+from megatron_vwn.model.width.mhc import MHC
+from megatron_vwn.model.width.mhc_reference import MHCReference, sinkhorn
 from megatron_vwn.model.width.vwn import VWNTransformerLayer
 from tests.unit.test_vwn import VOCAB, _batch, _cfg, _logits, _model
 
@@ -291,7 +293,7 @@ def test_shipped_family_configs_are_valid(name):
 
 # Gemma 3n's dynamic AltUp -----------------------------------------------------------------------
 
-DYNAMIC2 = ["model.vwn.connection=altup", "model.vwn.n=2"]
+DYNAMIC2 = ["model.vwn.connection=altup", "model.vwn.n=2", "model.vwn.dynamic=true"]
 
 
 @pytest.mark.parametrize("blocks,active", [(2, 0), (3, 1)])
@@ -383,13 +385,13 @@ def test_embedding_auto_resolves_per_member_and_old_spellings_keep_their_meaning
     assert VwnConfig(connection="hc", n=4, embedding="wide").resolved_embedding == "replicated"
     assert VwnConfig(connection="mhc", n=4).resolved_embedding == "replicated"
     assert VwnConfig(connection="altup", n=2, dynamic=False).resolved_embedding == "wide"
-    assert VwnConfig(connection="altup", n=2).resolved_embedding == "projected"
+    assert VwnConfig(connection="altup", n=2, dynamic=True).resolved_embedding == "projected"
 
 
 @pytest.mark.parametrize("member", [
     ["model.vwn.m=2", "model.vwn.n=4"],
     ["model.vwn.connection=mhc", "model.vwn.n=4"],
-    ["model.vwn.connection=altup", "model.vwn.n=2"],  # dynamic: the router's norm
+    ["model.vwn.connection=altup", "model.vwn.n=2", "model.vwn.dynamic=true"],  # the router's norm
 ])
 def test_norm_epsilon_reaches_every_connection(member):
     """``model.vwn.norm_epsilon`` (default 1e-6, the value that was hard-coded) is the epsilon
@@ -400,8 +402,55 @@ def test_norm_epsilon_reaches_every_connection(member):
     for overrides, eps in (([], 1e-6), (["model.vwn.norm_epsilon=1e-5"], 1e-5)):
         cfg = load_config(None, [*member, *overrides])
         shape = VWNShape.from_config(cfg.model.vwn, cfg.model.hidden_size)
-        module = (shape.make_layer_connection(0, torch.float32) if shape.wraps_layer
-                  else shape.make_sublayer_connection(0, torch.float32))
+        module = shape.make_connection(0, torch.float32)
         assert module.eps == eps
     with pytest.raises(ConfigError, match="model.vwn.norm_epsilon"):
         load_config(None, [*member, "model.vwn.norm_epsilon=0"]).model.vwn.validate(128)
+
+
+# The training modules against the members' reference modules (the HF export's equations) ----
+
+def _reference_of(module):
+    """The member's reference module (``*_reference.py``) on ``module``'s own parameters."""
+    if isinstance(module, MHC):
+        reference = MHCReference(module.n, module.hidden, dynamic=module.dynamic,
+                                 sinkhorn_iters=module.sinkhorn_iters, eps=module.eps)
+    else:
+        reference = AltUpReference(module.blocks, module.hidden, module.active,
+                                   dynamic=module.dynamic, eps=module.eps)
+    for name, param in module.named_parameters():
+        setattr(reference, name, param)  # shared: gradients land on the module's parameters
+    return reference
+
+
+@pytest.mark.parametrize("case", ["mhc", "mhc_static", "altup", "altup_dynamic"])
+def test_training_module_matches_the_reference_module(case):
+    """Forward and every gradient in float64 (both compute in float64 there, so only the
+    operation order differs): the training module is the reference's equations."""
+    torch.manual_seed(0)
+    n, d = 3, 4
+    if case.startswith("mhc"):
+        module = MHC(n, d, dynamic=case == "mhc", identity_bias=0.5, dtype=torch.float64)
+    else:
+        module = AltUp(n, d, active=1, dynamic=case == "altup_dynamic", dtype=torch.float64)
+    with torch.no_grad():
+        for param in module.parameters():
+            param.add_(torch.randn_like(param) * 0.3)
+    hidden = torch.randn(5, 2, n * d, dtype=torch.float64, requires_grad=True)
+    z = torch.randn(5, 2, d, dtype=torch.float64, requires_grad=True)
+    grad_x, grad_out = torch.randn(5, 2, d, dtype=torch.float64), torch.randn_like(hidden)
+    results = []
+    for forward in (_reference_of(module), module):
+        x, saved = forward.read(hidden)
+        out = forward.write(z, saved)
+        torch.autograd.backward([x, out], [grad_x, grad_out])
+        results.append((x.detach(), out.detach(), hidden.grad, z.grad,
+                        {k: p.grad for k, p in module.named_parameters()}))
+        hidden.grad = z.grad = None
+        module.zero_grad(set_to_none=True)
+    (ref_x, ref_out, ref_h, ref_z, ref_p), (x, out, g_h, g_z, g_p) = results
+    for expected, actual, what in ((ref_x, x, "x"), (ref_out, out, "out"),
+                                   (ref_h, g_h, "d hidden"), (ref_z, g_z, "d z")):
+        torch.testing.assert_close(actual, expected, rtol=1e-10, atol=1e-10, msg=what)
+    for name, expected in ref_p.items():
+        torch.testing.assert_close(g_p[name], expected, rtol=1e-10, atol=1e-10, msg=name)

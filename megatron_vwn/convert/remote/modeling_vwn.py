@@ -1,33 +1,17 @@
 """``VWNForCausalLM``: Virtual Width Networks (and hyper-/frac-connections) for transformers.
 
 Self-contained (torch + transformers), written by ``megatron-vwn convert hf`` next to the weights
-of a megatron-vwn model; it reproduces that model's forward pass. Tensors are ``[b, s, ...]``.
+of a megatron-vwn model, with each width member's plain-torch reference of its equations
+(``ghc_reference.py``, ``mhc_reference.py``, ``altup_reference.py``) copied beside it; it
+reproduces that model's forward pass. Tensors are ``[b, s, ...]``.
 
 Backbone (Llama): RMSNorm pre-norm, grouped-query attention with rotate-half RoPE, SwiGLU MLP.
-Virtual width (VWN arXiv 2511.11238, HC 2409.19606, FC 2503.14125): the residual stream is a wide
-state ``H`` of ``D' = n * d_b`` (``d_b = D / m``), viewed as ``n`` segments. Around every
-sublayer ``T`` a generalized hyper-connection (GHC) reads the ``D``-wide input and writes back:
-
-    X  = A_read(H)^T H                    [n, d_b] -> [m, d_b] -> x in R^D
-    Z  = T(x)                             the sublayer (its pre-norm inside, no residual add)
-    H' = B(H)^T Z + A_carry(H)^T H        [n, d_b]
-
-    dynamic part (fp32):  Hn = RMSNorm_{d_b}(H);  C = tanh(Hn [W_a | W_b] / tau)
-                          A(H) = S_a * C[:, :m+n] + [A_read | A_carry]
-                          B(H) = (S_b * C[:, m+n:])^T + B
-
-mHC (arXiv 2512.24880; ``m = 1``, ``n`` streams of ``D``) wraps each sublayer the same way:
-
-    x~ = RMSNorm(vec(x)) (fp32);  l = x~ [phi_pre | phi_post | phi_res]
-    H_pre = sigmoid(a_pre l_pre + b_pre), H_post = 2 sigmoid(a_post l_post + b_post),
-    H_res = SinkhornKnopp(exp(a_res l_res + b_res));  x' = H_res x + H_post^T F(H_pre x)
-
-AltUp (arXiv 2301.13310; ``m = 1``, ``K = n`` blocks of ``D``) wraps the whole layer ``L``
-(residual included), which computes block ``j*``:
-
-    static:  x^ = (I + P) x;  y_i = x^_i + (1 + g_i) (L(x_{j*}) - x^_{j*})
-    dynamic (Gemma 3n): r(v) = tanh(W_r RMSNorm(v) / D);  x^ = x + reshape(C r(x_{j*})) x;
-             x~ = L(x^_{j*});  y_i = x^_i + (1 + (c r(x~))_i) (x~ - x^_{j*})
+Virtual width (VWN arXiv 2511.11238, HC 2409.19606, FC 2503.14125, mHC 2512.24880, AltUp
+2301.13310): the residual stream is a wide state of ``D' = n * d_b`` (``d_b = D / m``). GHC (and
+its presets HC and Frac) and mHC wrap every sublayer; AltUp wraps the whole layer (residual
+included). Their equations are in the reference modules beside this file
+(``ghc_reference.py``, ``mhc_reference.py``, ``altup_reference.py``), the same files megatron-vwn
+checks its training modules against.
 
 Input: ``wide`` table ``V x D'``, ``factorized`` ``V x D`` then ``W_expand: D -> D'``, the
 ``D`` embedding replicated ``n`` times (HC, mHC, Recycled-AltUp), or ``projected`` (Gemma 3n:
@@ -57,7 +41,10 @@ from transformers import GenerationMixin, PreTrainedModel
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
+from .altup_reference import AltUpReference, rms_matched
 from .configuration_vwn import VWNConfig
+from .ghc_reference import GHCReference
+from .mhc_reference import MHCReference
 
 # transformers 5.24 renamed the outputs' and ``forward``'s ``past_key_values`` to ``cache``
 # (``generate()`` passes ``cache=``); the old name is what 5.23 and earlier use.
@@ -217,172 +204,14 @@ class VWNMoE(nn.Module):
         return out.reshape(x.shape)
 
 
-class GHC(nn.Module):
-    """One generalized hyper-connection (static + optional dynamic coefficients).
-
-    ``static_read`` ``[n, m]``, ``static_carry`` ``[n, n]``, ``static_write`` ``[m, n]``;
-    dynamic: ``norm_weight`` ``[d_b]``, ``proj`` ``[d_b, 2m + n]``, ``scale_a`` ``[n, m + n]``,
-    ``scale_b`` ``[n, m]`` (``[1]`` each with scalar scales). Coefficients in fp32.
-    """
-
-    def __init__(self, config: VWNConfig):
-        super().__init__()
-        m, n, d_b = config.vwn_m, config.vwn_n, config.segment_width
-        self.m, self.n, self.d_b = m, n, d_b
-        self.dynamic = config.vwn_dynamic
-        self.tau = config.vwn_tau
-        self.eps = config.ghc_norm_eps
-        self.static_read = nn.Parameter(torch.zeros(n, m))
-        self.static_carry = nn.Parameter(torch.eye(n))
-        self.static_write = nn.Parameter(torch.zeros(m, n))
-        if self.dynamic:
-            scalar = config.vwn_scalar_scales
-            self.norm_weight = nn.Parameter(torch.ones(d_b))
-            self.proj = nn.Parameter(torch.zeros(d_b, 2 * m + n))
-            self.scale_a = nn.Parameter(torch.ones((1,) if scalar else (n, m + n)))
-            self.scale_b = nn.Parameter(torch.ones((1,) if scalar else (n, m)))
-
-    def coefficients(self, state: torch.Tensor):
-        """Read ``[T, n, m]``, carry ``[T, n, n]``, write ``[T, m, n]`` for ``state [T, n, d_b]``
-        (the static 2-D matrices when not dynamic)."""
-        if not self.dynamic:
-            return self.static_read, self.static_carry, self.static_write
-        normed = F.rms_norm(state.float(), (self.d_b,), self.norm_weight.float(), self.eps)
-        coeffs = torch.tanh(normed @ self.proj.float() / self.tau)
-        mn = self.m + self.n
-        dyn_a = self.scale_a.float() * coeffs[..., :mn]
-        dyn_b = self.scale_b.float() * coeffs[..., mn:]
-        a = (dyn_a + torch.cat([self.static_read, self.static_carry], dim=1).float())
-        a = a.to(state.dtype)
-        write = (dyn_b.transpose(-1, -2) + self.static_write.float()).to(state.dtype)
-        return a[..., : self.m], a[..., self.m:], write
-
-    def read(self, hidden: torch.Tensor):
-        """``[b, s, D']`` -> sublayer input ``[b, s, D]`` and what :meth:`write` needs."""
-        b, s, _ = hidden.shape
-        state = hidden.reshape(b * s, self.n, self.d_b)
-        read, carry, write = self.coefficients(state)
-        x = torch.matmul(read.transpose(-1, -2), state)  # [T, m, d_b]
-        return x.reshape(b, s, self.m * self.d_b), (state, carry, write)
-
-    def write(self, output: torch.Tensor, saved) -> torch.Tensor:
-        """Sublayer output ``[b, s, D]`` -> new wide state ``[b, s, D']``."""
-        state, carry, write = saved
-        b, s, _ = output.shape
-        blocks = output.reshape(b * s, self.m, self.d_b)
-        if self.dynamic:
-            coeff = torch.cat([write, carry], dim=-2)  # [T, m + n, n]
-            new = torch.matmul(coeff.transpose(-1, -2), torch.cat([blocks, state], dim=-2))
-        else:
-            new = torch.matmul(write.t(), blocks) + torch.matmul(carry.t(), state)
-        return new.reshape(b, s, self.n * self.d_b)
-
-
-def sinkhorn(logits: torch.Tensor, iters: int) -> torch.Tensor:
-    """``SinkhornKnopp(exp(logits))`` over ``[..., n, n]``: rows then columns, ``iters`` times."""
-    matrix = torch.exp(logits - logits.amax(dim=(-2, -1), keepdim=True))
-    for _ in range(iters):
-        matrix = matrix / matrix.sum(dim=-1, keepdim=True)
-        matrix = matrix / matrix.sum(dim=-2, keepdim=True)
-    return matrix
-
-
-class MHC(nn.Module):
-    """One mHC module: ``bias`` ``[2n + n^2]``; dynamic: ``norm_weight`` ``[n D]``, ``proj``
-    ``[n D, 2n + n^2]``, ``gate`` ``[3]``. Mappings in fp32."""
-
-    def __init__(self, config: VWNConfig):
-        super().__init__()
-        n, d = config.vwn_n, config.hidden_size
-        self.n, self.hidden = n, d
-        self.dynamic = config.vwn_dynamic
-        self.iters = config.mhc_sinkhorn_iters
-        self.eps = config.ghc_norm_eps
-        self.bias = nn.Parameter(torch.zeros(2 * n + n * n))
-        if self.dynamic:
-            self.norm_weight = nn.Parameter(torch.ones(n * d))
-            self.proj = nn.Parameter(torch.zeros(n * d, 2 * n + n * n))
-            self.gate = nn.Parameter(torch.zeros(3))
-
-    def read(self, hidden: torch.Tensor):
-        b, s, _ = hidden.shape
-        n = self.n
-        state = hidden.reshape(b * s, n, self.hidden)
-        logits = self.bias.float().expand(b * s, -1)
-        if self.dynamic:
-            flat = state.reshape(b * s, -1).float()
-            normed = F.rms_norm(flat, (flat.shape[-1],), self.norm_weight.float(), self.eps)
-            g = self.gate.float()
-            gates = torch.cat([g[0].expand(n), g[1].expand(n), g[2].expand(n * n)])
-            logits = logits + (normed @ self.proj.float()) * gates
-        pre = torch.sigmoid(logits[:, :n]).to(state.dtype)
-        post = (2.0 * torch.sigmoid(logits[:, n:2 * n])).to(state.dtype)
-        res = sinkhorn(logits[:, 2 * n:].reshape(-1, n, n), self.iters).to(state.dtype)
-        x = torch.matmul(pre.unsqueeze(1), state)  # [T, 1, D]
-        return x.reshape(b, s, self.hidden), (state, post, res)
-
-    def write(self, output: torch.Tensor, saved) -> torch.Tensor:
-        state, post, res = saved
-        b, s, _ = output.shape
-        new = torch.matmul(res, state) + post.unsqueeze(2) * output.reshape(b * s, 1, -1)
-        return new.reshape(b, s, self.n * self.hidden)
-
-
-class AltUp(nn.Module):
-    """AltUp's predict / correct around a whole layer computing block ``active``. Static:
-    ``predict_delta`` ``[K, K]``, ``correct_delta`` ``[K]``; dynamic (Gemma 3n):
-    ``router_norm`` ``[D]``, ``router`` ``[K, D]``, ``predict_coefs`` ``[K^2, K]``,
-    ``correct_coefs`` ``[K, K]`` (the +-120 clip applies in training only)."""
-
-    def __init__(self, config: VWNConfig, active: int):
-        super().__init__()
-        k, d = config.vwn_n, config.hidden_size
-        self.blocks, self.hidden, self.active = k, d, active
-        self.dynamic = config.vwn_dynamic
-        self.eps = config.ghc_norm_eps
-        if self.dynamic:
-            self.router_norm = nn.Parameter(torch.ones(d))
-            self.router = nn.Parameter(torch.zeros(k, d))
-            self.predict_coefs = nn.Parameter(torch.zeros(k * k, k))
-            self.correct_coefs = nn.Parameter(torch.zeros(k, k))
-        else:
-            self.predict_delta = nn.Parameter(torch.zeros(k, k))
-            self.correct_delta = nn.Parameter(torch.zeros(k))
-
-    def route(self, x: torch.Tensor) -> torch.Tensor:
-        normed = F.rms_norm(x.float(), (self.hidden,), self.router_norm.float(), self.eps)
-        return torch.tanh(F.linear(normed / self.hidden, self.router.float()))
-
-    def read(self, hidden: torch.Tensor):
-        b, s, _ = hidden.shape
-        state = hidden.reshape(b * s, self.blocks, self.hidden)
-        if self.dynamic:
-            coefs = F.linear(self.route(state[:, self.active]), self.predict_coefs.float())
-            coefs = coefs.view(-1, self.blocks, self.blocks).to(state.dtype)
-            predicted = state + torch.matmul(coefs, state)
-            return predicted[:, self.active].reshape(b, s, -1), predicted
-        eye = torch.eye(self.blocks, dtype=state.dtype, device=state.device)
-        predicted = torch.matmul(eye + self.predict_delta.to(state.dtype), state)
-        return state[:, self.active].reshape(b, s, -1), predicted
-
-    def write(self, output: torch.Tensor, predicted: torch.Tensor) -> torch.Tensor:
-        b, s, _ = output.shape
-        computed = output.reshape(b * s, 1, self.hidden)
-        innovation = computed - predicted[:, self.active:self.active + 1]
-        if self.dynamic:
-            gain = F.linear(self.route(computed[:, 0]), self.correct_coefs.float())
-            correct = (1.0 + gain).to(output.dtype).unsqueeze(-1)
-        else:
-            correct = (1.0 + self.correct_delta.to(output.dtype)).view(1, -1, 1)
-        new = predicted + correct * innovation
-        return new.reshape(b, s, self.blocks * self.hidden)
-
-
-def rms_matched(x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """``x`` rescaled to ``target``'s RMS (Gemma 3n: ``x``'s mean square clamped at 1e-5)."""
-    target_rms = target.float().square().mean(-1, keepdim=True).sqrt()
-    rms = x.float().square().mean(-1, keepdim=True).clamp(min=1e-5).sqrt()
-    return (x.float() * (target_rms / rms)).to(x.dtype)
+def sublayer_connection(config: VWNConfig) -> nn.Module:
+    """The module around one sublayer: mHC, or GHC (HC and Frac are GHC presets)."""
+    if config.vwn_connection == "mhc":
+        return MHCReference(config.vwn_n, config.hidden_size, dynamic=config.vwn_dynamic,
+                            sinkhorn_iters=config.mhc_sinkhorn_iters, eps=config.ghc_norm_eps)
+    return GHCReference(config.vwn_m, config.vwn_n, config.segment_width,
+                        dynamic=config.vwn_dynamic, tau=config.vwn_tau, eps=config.ghc_norm_eps,
+                        scalar_scales=config.vwn_scalar_scales)
 
 
 class VWNDecoderLayer(nn.Module):
@@ -398,10 +227,13 @@ class VWNDecoderLayer(nn.Module):
         self.mlp = None if moe else VWNMLP(config)
         self.block_sparse_moe = VWNMoE(config) if moe else None
         connection = config.vwn_connection
-        self.altup = AltUp(config, active) if connection == "altup" else None
-        sublayer = {"mhc": MHC, "altup": None, "none": None}.get(connection, GHC)
-        self.attn_ghc = sublayer(config) if sublayer else None
-        self.mlp_ghc = sublayer(config) if sublayer else None
+        self.altup = None
+        if connection == "altup":
+            self.altup = AltUpReference(config.vwn_n, config.hidden_size, active,
+                                        dynamic=config.vwn_dynamic, eps=config.ghc_norm_eps)
+        sublayer = connection not in ("altup", "none")
+        self.attn_ghc = sublayer_connection(config) if sublayer else None
+        self.mlp_ghc = sublayer_connection(config) if sublayer else None
 
     def forward(self, hidden, cos, sin, mask, cache):
         mlp = self.mlp if self.mlp is not None else self.block_sparse_moe
@@ -524,7 +356,7 @@ class VWNPreTrainedModel(PreTrainedModel):
             module.weight.fill_(1.0)
             if getattr(module, "bias", None) is not None:
                 module.bias.zero_()
-        elif isinstance(module, GHC):
+        elif isinstance(module, GHCReference):
             m, n = module.m, module.n
             module.static_read.zero_()
             module.static_read[:m].copy_(torch.eye(m))

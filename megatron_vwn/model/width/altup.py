@@ -31,8 +31,26 @@ left out. The embedding projections and the projected mean at the exit live in `
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Literal
+
 import torch
 import torch.nn.functional as F
+
+from megatron_vwn.config.errors import ConfigError
+from megatron_vwn.model.width import altup_reference
+from megatron_vwn.model.width.registry import WidthMember, register, require_single_segment
+
+
+@dataclass
+class AltUpConfig:
+    """Alternating updates (``model.vwn.altup``; docs/width_family.md, docs/methods.md §3)."""
+
+    selection: Literal["alternating", "same"] = "alternating"
+    """Which block a layer computes: ``layer mod K`` (alternating) or always block 0 (same)."""
+    reduce: Literal["sum", "mean", "active"] = "sum"
+    """How the K blocks become the D-wide input of the final norm: their sum, their mean, or
+    the block the last layer computed."""
 
 COEFFICIENT_CLIP = 120.0
 """Gemma 3n's ``altup_coef_clip``."""
@@ -125,14 +143,6 @@ class AltUp(torch.nn.Module):
                 f"dynamic={self.dynamic}")
 
 
-def rms_matched(x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """``x`` rescaled to ``target``'s RMS over the last dim, Gemma 3n's way (the mean square of
-    ``x`` clamped at 1e-5)."""
-    target_rms = target.float().square().mean(-1, keepdim=True).sqrt()
-    rms = x.float().square().mean(-1, keepdim=True).clamp(min=1e-5).sqrt()
-    return (x.float() * (target_rms / rms)).to(x.dtype)
-
-
 def init_stream_projections(weight: torch.Tensor) -> None:
     """Gemma 3n's stream projections ``[K-1, D, D]`` start ``N(0, 1/D)``, which keeps the
     input's scale: the RMS matching divides by ``max(mean square, 1e-5)``, and a projection
@@ -140,3 +150,63 @@ def init_stream_projections(weight: torch.Tensor) -> None:
     (Gemma's embeddings are ``sqrt(D)`` times larger)."""
     with torch.no_grad():
         weight.normal_(0.0, weight.shape[-1] ** -0.5)
+
+
+def active_block(shape, layer_index: int) -> int:
+    """The block ``j*`` global layer ``layer_index`` (0-based) computes, for a
+    :class:`~megatron_vwn.model.width.shape.VWNShape` of ``connection=altup``."""
+    return layer_index % shape.n if shape.vwn.altup.selection == "alternating" else 0
+
+
+@register
+class AltUpMember(WidthMember):
+    """``connection=altup``: ``m = 1``, ``n = K`` blocks, one :class:`AltUp` around each whole
+    layer. The paper's static predict/correct by default; ``model.vwn.dynamic=true`` is Gemma
+    3n's router variant (projected streams at entry and exit, ``vwn_io.py``);
+    ``model.vwn.embedding=replicated`` is Recycled-AltUp."""
+
+    name = "altup"
+    wraps_layer = True
+    slots = ("altup",)
+    dynamic_default = False
+    swept_by_streams = True
+    embeddings = ("auto", "wide", "replicated")
+    tied_embedding = "replicated"
+    hf_params = ("predict_delta", "correct_delta", "router_norm", "router", "predict_coefs",
+                 "correct_coefs")
+    reference = altup_reference
+
+    def validate(self, vwn) -> None:
+        require_single_segment(vwn, "K, the number of blocks")
+        if vwn.dynamic and vwn.embedding != "auto":
+            raise ConfigError(
+                f"model.vwn.embedding={vwn.embedding} does not go with model.vwn.connection="
+                f"altup and model.vwn.dynamic=true (Gemma 3n's streams start as projections of "
+                f"the D-wide embedding); allowed: auto, or model.vwn.dynamic=false"
+            )
+
+    def embedding(self, vwn) -> str:
+        return "projected" if vwn.dynamic else super().embedding(vwn)
+
+    def reduce(self, vwn) -> str:
+        return vwn.altup.reduce
+
+    def connection(self, shape, index, dtype, device=None):
+        return AltUp(shape.n, shape.hidden, active_block(shape, index), dynamic=shape.dynamic,
+                     init_std=shape.init_std, eps=shape.norm_epsilon, dtype=dtype,
+                     device=device)
+
+    def layer_params(self, vwn, hidden_size: int) -> int:
+        """Static: predict and correct, ``K^2 + K``; dynamic: router norm and weight,
+        ``C: K -> K^2``, ``c: K -> K``."""
+        k = vwn.n
+        if vwn.dynamic:
+            return hidden_size + k * hidden_size + k ** 3 + k * k
+        return k * k + k
+
+    def layer_flops(self, vwn, hidden_size: int) -> int:
+        """Predict ``2K^2 D``, correct ``3KD``; dynamic: two routers, RMSNorm ``4D`` and
+        ``2KD`` each."""
+        static = 2 * vwn.n * vwn.n * hidden_size + 3 * vwn.n * hidden_size
+        router = 2 * (4 * hidden_size + 2 * vwn.n * hidden_size) if vwn.dynamic else 0
+        return static + router

@@ -29,6 +29,10 @@ from dataclasses import dataclass
 
 import torch
 
+from megatron_vwn.config.errors import ConfigError
+from megatron_vwn.model.width import ghc_reference
+from megatron_vwn.model.width.registry import WidthMember, register, require_single_segment
+
 
 @dataclass(frozen=True)
 class GHCInit:
@@ -296,3 +300,125 @@ class GHC(torch.nn.Module):
     def extra_repr(self) -> str:
         return (f"m={self.m}, n={self.n}, d_b={self.d_b}, dynamic={self.dynamic}, "
                 f"tau={self.tau:g}, kernel={self.kernel}")
+
+
+@register
+class GHCMember(WidthMember):
+    """``connection=ghc``: VWN's generalized hyper-connections (docs/vwn.md). Its exit is the
+    GroupNorm + ``W_reduce`` when ``D' > D``; ``n = m`` keeps the state ``D``-wide."""
+
+    name = "ghc"
+    unit_width_is_backbone = True
+    embeddings = ("auto", "wide", "factorized")
+    group_norm_option = True
+    ghc_kernels = True
+    hf_params = ("static_read", "static_carry", "static_write", "norm_weight", "proj",
+                 "scale_a", "scale_b")
+    reference = ghc_reference
+
+    def embedding(self, vwn) -> str:
+        return "none" if vwn.n == vwn.m else super().embedding(vwn)
+
+    def reduce(self, vwn) -> str:
+        return "ghc" if vwn.n > vwn.m else "none"
+
+    def group_norm(self, vwn) -> bool:
+        if vwn.n == vwn.m:
+            return False
+        if vwn.group_norm == "auto":
+            return vwn.n % vwn.m == 0
+        return vwn.group_norm == "on"
+
+    def init(self, shape, sublayer_index: int) -> GHCInit:
+        """The static coefficients of sublayer ``sublayer_index`` at initialisation."""
+        return vwn_init(shape.m, shape.n, shape.d_b)
+
+    def connection(self, shape, index, dtype, device=None):
+        return GHC(shape.m, shape.n, shape.d_b, self.init(shape, index), dynamic=shape.dynamic,
+                   eps=shape.norm_epsilon, recompute_coefficients=shape.recompute_coefficients,
+                   dtype=dtype, device=device, kernel=shape.kernel, recompute=shape.recompute)
+
+    def scale_params(self, vwn) -> int:
+        """The dynamic scales ``S_a``, ``S_b`` of one module."""
+        return vwn.n * (2 * vwn.m + vwn.n)
+
+    def module_params(self, vwn, hidden_size: int) -> int:
+        """One GHC module (docs/methods.md §1.4): static A, B ``n(2m+n)``; dynamic: the scales,
+        projection ``d_b(2m+n)``, norm gain ``d_b``."""
+        m, n, d_b = vwn.m, vwn.n, hidden_size // vwn.m
+        static = n * (2 * m + n)
+        if not vwn.dynamic:
+            return static
+        return static + self.scale_params(vwn) + d_b * (2 * m + n) + d_b
+
+    def layer_params(self, vwn, hidden_size: int) -> int:
+        return 2 * self.module_params(vwn, hidden_size)
+
+    def module_flops(self, vwn, hidden_size: int) -> int:
+        """Forward FLOPs of one GHC module per token (VWN Sec. 3.5): RMSNorm ``4rD``, dynamic
+        coefficients ``2(2m+n)rD``, width connection ``2(m+n)rD``, depth connection ``2nD``."""
+        m, n, d = vwn.m, vwn.n, hidden_size
+        r_d = n * d // m
+        norm_and_coeffs = (4 + 2 * (2 * m + n)) * r_d if vwn.dynamic else 0
+        return norm_and_coeffs + 2 * (m + n) * r_d + 2 * n * d
+
+    def layer_flops(self, vwn, hidden_size: int) -> int:
+        return 2 * self.module_flops(vwn, hidden_size)
+
+    def hf_slots(self) -> dict[str, str]:
+        return {"attention_ghc": "attn_ghc", "mlp_ghc": "mlp_ghc"}
+
+    def hf_config(self, vwn) -> dict:
+        return {"vwn_scalar_scales": False}
+
+
+@register
+class HCMember(GHCMember):
+    """``connection=hc``: hyper-connections as a GHC preset (``m = 1``, ``n`` replicated
+    streams, scalar scales 0.01, summed at the exit; docs/width_family.md)."""
+
+    name = "hc"
+    embeddings = ("auto", "wide", "replicated")
+    group_norm_option = False
+    unit_width_is_backbone = False
+
+    def validate(self, vwn) -> None:
+        require_single_segment(vwn, "the number of streams")
+
+    def embedding(self, vwn) -> str:
+        return "replicated"  # wide is accepted as its old spelling
+
+    def reduce(self, vwn) -> str:
+        return "sum"
+
+    def group_norm(self, vwn) -> bool:
+        return False
+
+    def output_init_scale(self, vwn) -> float:
+        return 1.0 / math.sqrt(vwn.n)  # the summed streams would grow the output n-fold
+
+    def init(self, shape, sublayer_index: int) -> GHCInit:
+        return hc_init(shape.n, sublayer_index)
+
+    def scale_params(self, vwn) -> int:
+        return 2
+
+    def hf_config(self, vwn) -> dict:
+        return {"vwn_scalar_scales": True}
+
+
+@register
+class FracMember(GHCMember):
+    """``connection=frac``: frac-connections as a GHC preset (``n = m``: the width split into
+    ``m`` fractions, no expansion; docs/width_family.md)."""
+
+    name = "frac"
+    group_norm_option = False
+    unit_width_is_backbone = False
+
+    def validate(self, vwn) -> None:
+        if vwn.n != vwn.m:
+            raise ConfigError(
+                f"model.vwn.connection=frac needs model.vwn.n = model.vwn.m (got m={vwn.m}, "
+                f"n={vwn.n}); use connection=ghc for n > m"
+            )

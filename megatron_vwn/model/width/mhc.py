@@ -24,21 +24,37 @@ cannot read with weight 1, ``b_pre = 0`` there; the sublayer's pre-norm absorbs 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from megatron_vwn.model.width import mhc_reference
+from megatron_vwn.model.width.mhc_reference import sinkhorn
+from megatron_vwn.model.width.registry import (
+    WidthMember,
+    register,
+    require_single_segment,
+)
 
-def sinkhorn(logits: torch.Tensor, iters: int) -> torch.Tensor:
-    """``SinkhornKnopp(exp(logits))`` over the last two dims ``[..., n, n]``: ``iters`` rounds of
-    row then column normalisation (columns sum to 1 exactly, rows to within the convergence).
-    The per-matrix maximum is subtracted first (the result does not depend on a scale)."""
-    matrix = torch.exp(logits - logits.amax(dim=(-2, -1), keepdim=True))
-    for _ in range(iters):
-        matrix = matrix / matrix.sum(dim=-1, keepdim=True)
-        matrix = matrix / matrix.sum(dim=-2, keepdim=True)
-    return matrix
+
+@dataclass
+class MhcConfig:
+    """Manifold-constrained hyper-connections (``model.vwn.mhc``; docs/width_family.md,
+    docs/methods.md §2.1)."""
+
+    sinkhorn_iters: int = 20
+    """Sinkhorn-Knopp iterations (row then column normalisation each) for ``H_res``."""
+    gate_init: float = 0.01
+    """Initial value of the three learnable scalar gates alpha (pre, post, res)."""
+    identity_bias: float = 0.0
+    """Initial ``b_res`` on the diagonal (0 off it). 0 starts ``H_res`` at the uniform matrix
+    1/n; a large value near the identity, where 20 Sinkhorn iterations converge slowly (rows
+    off by about 3e-4 at 4; docs/width_family.md)."""
+    reduce: Literal["mean", "sum"] = "mean"
+    """How the n streams become the D-wide input of the final norm."""
 
 
 class MHC(torch.nn.Module):
@@ -125,3 +141,58 @@ class MHC(torch.nn.Module):
     def extra_repr(self) -> str:
         return (f"n={self.n}, hidden={self.hidden}, dynamic={self.dynamic}, "
                 f"sinkhorn_iters={self.sinkhorn_iters}")
+
+
+@register
+class MHCMember(WidthMember):
+    """``connection=mhc``: ``m = 1``, ``n`` replicated streams, one :class:`MHC` per sublayer,
+    the streams' mean (or sum, ``model.vwn.mhc.reduce``) at the exit."""
+
+    name = "mhc"
+    embeddings = ("auto", "replicated")
+    swept_by_streams = True
+    hf_params = ("norm_weight", "proj", "bias", "gate")
+    reference = mhc_reference
+
+    def validate(self, vwn) -> None:
+        require_single_segment(vwn, "the number of streams")
+
+    def embedding(self, vwn) -> str:
+        return "replicated"
+
+    def reduce(self, vwn) -> str:
+        return vwn.mhc.reduce
+
+    def connection(self, shape, index, dtype, device=None):
+        vwn = shape.vwn
+        return MHC(shape.n, shape.hidden, dynamic=shape.dynamic,
+                   sinkhorn_iters=vwn.mhc.sinkhorn_iters, gate_init=vwn.mhc.gate_init,
+                   identity_bias=vwn.mhc.identity_bias, init_std=shape.init_std,
+                   eps=shape.norm_epsilon, recompute=shape.recompute_coefficients,
+                   dtype=dtype, device=device)
+
+    def module_params(self, vwn, hidden_size: int) -> int:
+        """One mHC module (docs/methods.md §2.1): biases ``2n + n^2``; dynamic: ``phi``
+        ``nD(2n + n^2)``, the norm gain ``nD`` and three gates."""
+        n = vwn.n
+        outputs = 2 * n + n * n
+        if not vwn.dynamic:
+            return outputs
+        return outputs + n * hidden_size * (outputs + 1) + 3
+
+    def layer_params(self, vwn, hidden_size: int) -> int:
+        return 2 * self.module_params(vwn, hidden_size)
+
+    def module_flops(self, vwn, hidden_size: int) -> int:
+        """Forward FLOPs of one mHC module per token: RMSNorm ``4nD``, projection
+        ``2nD(2n + n^2)`` (dynamic), ``H_pre x`` ``2nD``, ``H_res x`` ``2n^2 D``, ``H_post^T F``
+        ``2nD`` (Sinkhorn's ``O(t n^2)`` is left out)."""
+        n, d = vwn.n, hidden_size
+        mappings = (4 + 2 * (2 * n + n * n)) * n * d if vwn.dynamic else 0
+        return mappings + 4 * n * d + 2 * n * n * d
+
+    def layer_flops(self, vwn, hidden_size: int) -> int:
+        return 2 * self.module_flops(vwn, hidden_size)
+
+    def hf_slots(self) -> dict[str, str]:
+        return {"attention_ghc": "attn_ghc", "mlp_ghc": "mlp_ghc"}

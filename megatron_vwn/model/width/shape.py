@@ -2,24 +2,21 @@
 
 :class:`VWNShape` is everything the plumbing needs from ``model.vwn``: how wide the state is
 (what pipeline stages exchange), how it starts (embedding), how it ends (reduce), whether the
-connection wraps each sublayer (GHC, HC, Frac, mHC) or the whole layer (AltUp), and which math
-module builds the connection. Adding a member means a math module in this package and a branch
-in :meth:`VWNShape.make_sublayer_connection` or :meth:`VWNShape.make_layer_connection`.
+connection wraps each sublayer or the whole layer, and the registered member
+(:mod:`megatron_vwn.model.width.registry`) that builds the connection modules.
 """
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
-from megatron_vwn.config.schema import VwnConfig
+from megatron_vwn.model.width.registry import WidthMember, member_of
 
-SUBLAYER_CONNECTIONS = ("ghc", "hc", "frac", "mhc")
-"""Members with one module around attention and one around the MLP (residual adds removed)."""
-LAYER_CONNECTIONS = ("altup",)
-"""Members that run the stock layer, residual included, inside one module."""
+if TYPE_CHECKING:
+    from megatron_vwn.config.schema import VwnConfig
 
 
 @dataclass(frozen=True)
@@ -39,10 +36,6 @@ class VWNShape:
     reduce: str = "ghc"
     """ghc (GroupNorm + W_reduce) | sum | mean | active | none."""
     num_layers: int = 1
-    sinkhorn_iters: int = 20
-    gate_init: float = 0.01
-    identity_bias: float = 0.0
-    selection: str = "alternating"
     init_std: float = 0.02
     kernel: str = "torch"
     """Dynamic GHC implementation (``model.vwn.kernel``, resolved in ``ghc.resolve_kernel``)."""
@@ -50,24 +43,26 @@ class VWNShape:
     """``model.vwn.recompute`` with its alias folded in (``VwnConfig.recompute_mode``)."""
     norm_epsilon: float = 1e-6
     """``model.vwn.norm_epsilon``: the connections' own RMSNorms."""
+    vwn: VwnConfig | None = field(default=None, hash=False)
+    """``model.vwn`` itself, for the member's own keys (``model.vwn.mhc.*``, ...)."""
 
     @classmethod
     def from_config(cls, vwn: VwnConfig, hidden_size: int, num_layers: int = 1,
                     init_std: float = 0.02) -> VWNShape:
         scale = vwn.output_init_scale
         if scale is None:
-            scale = 1.0 / math.sqrt(vwn.n) if vwn.connection == "hc" else 1.0
-        reduce = {"hc": "sum", "mhc": vwn.mhc.reduce, "altup": vwn.altup.reduce}.get(
-            vwn.connection, "ghc" if vwn.n > vwn.m else "none")
+            scale = vwn.member.output_init_scale(vwn)
         return cls(m=vwn.m, n=vwn.n, hidden=hidden_size, connection=vwn.connection,
                    embedding=vwn.resolved_embedding, dynamic=vwn.dynamic,
                    group_norm=vwn.use_group_norm,
                    recompute_coefficients=vwn.recompute_coefficients,
-                   output_init_scale=scale, reduce=reduce, num_layers=num_layers,
-                   sinkhorn_iters=vwn.mhc.sinkhorn_iters, gate_init=vwn.mhc.gate_init,
-                   identity_bias=vwn.mhc.identity_bias, selection=vwn.altup.selection,
+                   output_init_scale=scale, reduce=vwn.resolved_reduce, num_layers=num_layers,
                    init_std=init_std, kernel=vwn.kernel, recompute=vwn.recompute_mode,
-                   norm_epsilon=vwn.norm_epsilon)
+                   norm_epsilon=vwn.norm_epsilon, vwn=vwn)
+
+    @property
+    def member(self) -> WidthMember:
+        return member_of(self.connection)
 
     @property
     def d_b(self) -> int:
@@ -81,36 +76,10 @@ class VWNShape:
     @property
     def wraps_layer(self) -> bool:
         """True for members that wrap the whole stock layer (AltUp)."""
-        return self.connection in LAYER_CONNECTIONS
+        return self.member.wraps_layer
 
-    def active_block(self, layer_index: int) -> int:
-        """AltUp's computed block ``j*`` of global layer ``layer_index`` (0-based)."""
-        return layer_index % self.n if self.selection == "alternating" else 0
-
-    def make_sublayer_connection(self, sublayer_index: int, dtype: torch.dtype, device=None):
-        """The module around global sublayer ``sublayer_index`` (2l: attention, 2l+1: MLP),
-        with ``read(H) -> (x, saved)`` and ``write(z, saved) -> H'``."""
-        if self.connection == "mhc":
-            from megatron_vwn.model.width.mhc import MHC
-
-            return MHC(self.n, self.hidden, dynamic=self.dynamic,
-                       sinkhorn_iters=self.sinkhorn_iters, gate_init=self.gate_init,
-                       identity_bias=self.identity_bias, init_std=self.init_std,
-                       eps=self.norm_epsilon, recompute=self.recompute_coefficients,
-                       dtype=dtype, device=device)
-        from megatron_vwn.model.width.ghc import GHC, hc_init, vwn_init
-
-        if self.connection == "hc":
-            init = hc_init(self.n, sublayer_index)
-        else:
-            init = vwn_init(self.m, self.n, self.d_b)
-        return GHC(self.m, self.n, self.d_b, init, dynamic=self.dynamic, eps=self.norm_epsilon,
-                   recompute_coefficients=self.recompute_coefficients, dtype=dtype,
-                   device=device, kernel=self.kernel, recompute=self.recompute)
-
-    def make_layer_connection(self, layer_index: int, dtype: torch.dtype, device=None):
-        """The module around the whole global layer ``layer_index`` (AltUp), same interface."""
-        from megatron_vwn.model.width.altup import AltUp
-
-        return AltUp(self.n, self.hidden, self.active_block(layer_index), dynamic=self.dynamic,
-                     init_std=self.init_std, eps=self.norm_epsilon, dtype=dtype, device=device)
+    def make_connection(self, index: int, dtype: torch.dtype, device=None) -> torch.nn.Module:
+        """The member's module for global sublayer ``index`` (``2l`` attention, ``2l + 1``
+        MLP) or, for members that wrap the layer, global layer ``index``; it has
+        ``read(H) -> (x, saved)`` and ``write(y, saved) -> H'``."""
+        return self.member.connection(self, index, dtype, device)

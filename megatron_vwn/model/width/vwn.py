@@ -1,7 +1,8 @@
 """The wide state inside Megatron-Core's ``TransformerLayer``: the layer subclass and its spec.
 
 :class:`VWNTransformerLayer` carries the wide state ``[s, b, D']`` between layers for every
-family member. Sublayer members (GHC, HC, Frac, mHC) wrap the stock self-attention and MLP
+family member (the member, from the registry, says which of the two kinds it is and names the
+slots). Sublayer members (GHC, HC, Frac, mHC) wrap the stock self-attention and MLP
 (dense or MoE; local or Transformer Engine submodules) with one connection module each: the
 stock residual adds are replaced in the spec by :func:`get_bias_dropout`, so the stock
 ``_forward_attention`` / ``_forward_mlp`` return the sublayer output ``z`` itself, and the
@@ -48,32 +49,38 @@ class VWNTransformerLayer(TransformerLayer):
         index = self.layer_number - 1  # global, 0-based
         device = torch.device("cpu") if config.use_cpu_initialization else None
         dtype = config.params_dtype
-        if vwn.wraps_layer:
-            self.altup = vwn.make_layer_connection(index, dtype, device)
-            connections = [self.altup]
-        else:
-            self.attention_ghc = vwn.make_sublayer_connection(2 * index, dtype, device)
-            self.mlp_ghc = vwn.make_sublayer_connection(2 * index + 1, dtype, device)
-            connections = [self.attention_ghc, self.mlp_ghc]
-        for connection in connections:
+        self.wraps_layer = vwn.wraps_layer
+        slots = vwn.member.slots
+        # Sublayer members: slot 0 around attention (sublayer 2l), slot 1 around the MLP (2l+1).
+        indices = (index,) if vwn.wraps_layer else (2 * index, 2 * index + 1)
+        self.connection_slots = slots
+        for slot, connection_index in zip(slots, indices, strict=True):
+            connection = vwn.make_connection(connection_index, dtype, device)
+            setattr(self, slot, connection)  # the slot names are frozen into checkpoint keys
             for param in connection.parameters():
                 # Replicated over TP; under SP each rank sees other tokens, so grads are summed.
                 param.sequence_parallel = config.sequence_parallel
 
+    def connections(self) -> list[torch.nn.Module]:
+        """The connection modules in slot order (attention then MLP, or the one layer module)."""
+        return [getattr(self, slot) for slot in self.connection_slots]
+
     def forward(self, hidden_states, *args, **kwargs):
         kwargs.pop("dynamic_inference_decode_only", None)
-        if hasattr(self, "altup"):  # the whole stock layer on the (predicted) active block
-            x, saved = self.altup.read(hidden_states)  # [s, b, D]
+        if self.wraps_layer:  # the whole stock layer on the block the member reads
+            (connection,) = self.connections()
+            x, saved = connection.read(hidden_states)  # [s, b, D]
             y, context = super().forward(x, *args, **kwargs)
-            hidden_states = self.altup.write(y, saved)  # [s, b, D']
+            hidden_states = connection.write(y, saved)  # [s, b, D']
         else:
-            x, saved = self.attention_ghc.read(hidden_states)  # [s, b, D]
+            attention, mlp = self.connections()
+            x, saved = attention.read(hidden_states)  # [s, b, D]
             z, context = forward_attention(self, x, *args, **kwargs)
-            hidden_states = self.attention_ghc.write(z, saved)  # [s, b, D']
-            x, saved = self.mlp_ghc.read(hidden_states)
+            hidden_states = attention.write(z, saved)  # [s, b, D']
+            x, saved = mlp.read(hidden_states)
             z = forward_mlp(self, x, kwargs.get("inference_context"),
                             padding_mask=kwargs.get("padding_mask"))
-            hidden_states = self.mlp_ghc.write(z, saved)
+            hidden_states = mlp.write(z, saved)
         # Like the stock layer: pipeline schedules free stage outputs and refuse views.
         hidden_states = make_viewless_tensor(
             inp=hidden_states, requires_grad=hidden_states.requires_grad, keep_graph=True

@@ -33,9 +33,10 @@ from megatron.core.transformer.spec_utils import build_module
 from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
 
-from megatron_vwn.model.width.altup import init_stream_projections, rms_matched
+from megatron_vwn.model.width.altup import active_block, init_stream_projections
+from megatron_vwn.model.width.altup_reference import rms_matched
 from megatron_vwn.model.width.ghc_recompute import RecomputedFinalNorm
-from megatron_vwn.model.width.vwn import VWNShape
+from megatron_vwn.model.width.shape import VWNShape
 
 
 def _device(config: TransformerConfig):
@@ -174,7 +175,7 @@ class VWNFinalNorm(MegatronModule):
                                       self.altup_unembed_projections)
                 streams = torch.cat([first, rms_matched(others, first)], dim=2)
             if reduce == "active":  # AltUp: the block the last layer computed
-                hidden = streams[:, :, self.vwn.active_block(self.vwn.num_layers - 1)]
+                hidden = streams[:, :, active_block(self.vwn, self.vwn.num_layers - 1)]
             else:
                 hidden = streams.sum(dim=2) if reduce == "sum" else streams.mean(dim=2)
         elif self.reduce is not None:

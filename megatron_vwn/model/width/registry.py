@@ -1,0 +1,152 @@
+"""The width members behind one registry: ``model.vwn.connection`` names a :class:`WidthMember`.
+
+A member is one module in this package (``ghc.py``: GHC and its presets HC and Frac; ``mhc.py``;
+``altup.py``) holding its equations and a :class:`WidthMember` subclass registered with
+:func:`register`. Everything outside the members (config validation, :class:`VWNShape`, the
+layer spec, entry and exit, accounting, HF export) asks the member through this protocol and
+never tests the connection's name; docs/width_family.md ("Adding a width member") walks through
+it with the toy member of ``tests/unit/test_width_registry.py``.
+
+The config layer sits above the members, so a member sees ``model.vwn`` (``VwnConfig``) as a
+plain object and raises :class:`ConfigError` naming the key and the allowed values.
+"""
+
+from __future__ import annotations
+
+from types import ModuleType
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from megatron_vwn.config.errors import ConfigError
+
+if TYPE_CHECKING:
+    import torch
+
+    from megatron_vwn.model.width.shape import VWNShape
+
+
+class WidthMember:
+    """What a width member tells the rest of the package; subclass it and :func:`register` it.
+
+    The defaults describe a sublayer member (one module around attention, one around the MLP,
+    residual adds removed) that keeps the state ``D``-wide at the ends: a ``V x D'`` table and
+    no reduce. ``vwn`` arguments are ``model.vwn`` (``VwnConfig``), ``shape`` a
+    :class:`VWNShape`.
+    """
+
+    name: ClassVar[str]
+    """The value of ``model.vwn.connection``."""
+    wraps_layer: ClassVar[bool] = False
+    """False: a module around each sublayer; True: one module around the whole stock layer
+    (residual adds included), which runs on the ``D``-wide input the module reads."""
+    slots: ClassVar[tuple[str, ...]] = ("attention_ghc", "mlp_ghc")
+    """Attribute names of the connection modules in the layer, frozen into checkpoint keys
+    (sublayer members: attention then MLP; layer members: one name)."""
+    unit_width_is_backbone: ClassVar[bool] = False
+    """``m = n = 1`` is the stock model (no width connection built at all)."""
+    dynamic_default: ClassVar[bool] = True
+    """``model.vwn.dynamic`` when the config leaves it unset (the member's paper)."""
+    embeddings: ClassVar[tuple[str, ...]] = ("auto", "wide")
+    """The ``model.vwn.embedding`` values this member accepts."""
+    group_norm_option: ClassVar[bool] = False
+    """Accepts ``model.vwn.group_norm=on`` (GHC's GroupNorm before the reduce)."""
+    ghc_kernels: ClassVar[bool] = False
+    """Accepts GHC's ``model.vwn.recompute`` modes and ``model.vwn.kernel=triton``."""
+    swept_by_streams: ClassVar[bool] = False
+    """A width sweep (``launch/sweep.py``) keeps this member and sets ``m = 1, n = r`` (D-wide
+    streams or blocks); otherwise it sweeps ``connection=ghc`` over ``(m, n)``."""
+    tied_embedding: ClassVar[str] = "factorized"
+    """The ``model.vwn.embedding`` to suggest when ``model.tie_embeddings`` meets a wide table."""
+
+    def validate(self, vwn: Any) -> None:
+        """Member-specific checks on ``model.vwn`` (after the shared ones: positive sizes,
+        ``n >= m``, ``m`` dividing the hidden size). Raise :class:`ConfigError`."""
+
+    def embedding(self, vwn: Any) -> str:
+        """The entry: wide | factorized | replicated | projected | none (``vwn_io.py``)."""
+        return "wide" if vwn.embedding == "auto" else vwn.embedding
+
+    def reduce(self, vwn: Any) -> str:
+        """The exit: ghc (GroupNorm + ``W_reduce``) | sum | mean | active | none."""
+        return "none"
+
+    def group_norm(self, vwn: Any) -> bool:
+        """Whether the exit's GroupNorm is on."""
+        return False
+
+    def output_init_scale(self, vwn: Any) -> float:
+        """The default of ``model.vwn.output_init_scale``."""
+        return 1.0
+
+    def connection(self, shape: VWNShape, index: int, dtype: torch.dtype,
+                   device=None) -> torch.nn.Module:
+        """The module in slot ``index`` of the global layer or sublayer ``index`` (sublayer
+        members: ``2l`` attention, ``2l + 1`` MLP), with ``read(H) -> (x, saved)`` and
+        ``write(y, saved) -> H'``."""
+        raise NotImplementedError
+
+    def layer_params(self, vwn: Any, hidden_size: int) -> int:
+        """Parameters of one layer's connection modules."""
+        raise NotImplementedError
+
+    def layer_flops(self, vwn: Any, hidden_size: int) -> int:
+        """Forward FLOPs per token of one layer's connection modules."""
+        raise NotImplementedError
+
+    def hf_slots(self) -> dict[str, str]:
+        """Our slot name -> the HF remote class's module name for it (docs/convert.md)."""
+        return {slot: slot for slot in self.slots}
+
+    hf_params: ClassVar[tuple[str, ...]] = ()
+    """Parameter names of the connection modules, the same in the HF remote class."""
+    reference: ClassVar[ModuleType | None] = None
+    """The member's plain-torch reference of its equations: a self-contained module (torch
+    only) that the tests check the training module against and that the HF export copies
+    beside ``modeling_vwn.py``, whose classes build the member from it."""
+
+    def hf_config(self, vwn: Any) -> dict[str, Any]:
+        """Member-specific keyword arguments of the exported ``VWNConfig``."""
+        return {}
+
+
+MEMBERS: dict[str, WidthMember] = {}
+"""``model.vwn.connection`` -> its member (one instance per registered class)."""
+
+
+def register(member: type[WidthMember]) -> type[WidthMember]:
+    """Class decorator: make ``member`` the meaning of ``model.vwn.connection=member.name``."""
+    if member.name in MEMBERS:
+        raise ValueError(f"width member {member.name!r} is registered twice")
+    MEMBERS[member.name] = member()
+    return member
+
+
+def member_of(connection: str) -> WidthMember:
+    """The member registered as ``connection``; :class:`ConfigError` naming the allowed ones."""
+    try:
+        return MEMBERS[connection]
+    except KeyError:
+        raise ConfigError(f"model.vwn.connection ({connection!r}) must be one of "
+                          f"{names()}") from None
+
+
+def names() -> list[str]:
+    """The registered members' names, sorted."""
+    return sorted(MEMBERS)
+
+
+def members() -> list[WidthMember]:
+    """The registered members, sorted by name."""
+    return [MEMBERS[name] for name in names()]
+
+
+def require_single_segment(vwn: Any, what: str) -> None:
+    """Stream members split nothing: ``m = 1``, ``n`` counts ``what``."""
+    if vwn.m != 1:
+        raise ConfigError(
+            f"model.vwn.connection={vwn.connection} needs model.vwn.m = 1 (got {vwn.m}); "
+            f"n is {what}"
+        )
+
+
+# The built-in members register themselves on import (after ``register`` exists).
+from megatron_vwn.model.width import altup, ghc, mhc  # noqa: E402, F401, I001
