@@ -37,8 +37,8 @@ class IdentityConnection(torch.nn.Module):
 
 def _identity_shape():
     """What ``VWNTransformerLayer`` asks of its ``vwn`` argument, with identity connections."""
-    return SimpleNamespace(wraps_layer=False,
-                           make_sublayer_connection=lambda *args: IdentityConnection())
+    return SimpleNamespace(wraps_layer=False, member=SimpleNamespace(slots=("attention_id", "mlp_id")),
+                           make_connection=lambda *args: IdentityConnection())
 
 
 def _forward(layer, hidden, mask):
