@@ -4,7 +4,7 @@
 ``iteration``, ``split`` ("train" or "valid"), ``consumed_tokens``, ``lm_loss``, and for training
 rows ``lr``, ``grad_norm``, ``iter_time_s`` and ``tokens_per_s``. With multi-token prediction
 both kinds of row add ``mtp_loss_1`` ... ``mtp_loss_K``. With ``analysis.interaction_interval``
-there are also ``split: "analysis"`` rows (see :mod:`megatron_vwn.analysis.interaction_hook`).
+there are also ``split: "analysis"`` rows (see :mod:`megatron_vwn.training.interaction_hook`).
 Mixture-of-experts runs add ``moe_*`` keys to training rows
 (:mod:`megatron_vwn.training.moe_metrics`).
 Keys are added, never renamed.
