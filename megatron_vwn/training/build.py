@@ -9,7 +9,8 @@ Every command that runs a model builds it here (docs/training_loop.md):
   ``convert`` and the shape probe build the bare chunks (``ddp=False``: no gradient buffers,
   ``optimizer=False``: no optimizer state);
 * :func:`build_schedule` -- how one global batch runs through Megatron's schedules;
-* :func:`build_loaders` -- the training iterators and the held-out batches of the run.
+* :func:`build_loaders` -- the training iterators and the held-out batches of the run; built
+  after the weights are loaded because a resumed run reads on from the checkpoint's positions.
 
 Weights come from a checkpoint through :mod:`megatron_vwn.checkpoint.weights` (bare chunks) or
 the run's :class:`~megatron_vwn.checkpoint.CheckpointManager` (a training run: all its state).
