@@ -120,7 +120,7 @@ def bits_per_byte(loss: float, tokens: int, num_bytes: int) -> float:
     return loss * tokens / math.log(2) / max(num_bytes, 1)
 
 
-def eval_config(ns: argparse.Namespace, work_dir: str):
+def eval_config(ns: argparse.Namespace):
     """The run's config from the checkpoint, with the user's overrides and what scoring needs;
     and the checkpoint directory."""
     from megatron_vwn.checkpoint.files import CONFIG_FILE
@@ -137,7 +137,6 @@ def eval_config(ns: argparse.Namespace, work_dir: str):
     if ns.valid and not cfg.train.eval_interval:
         raise ConfigError("--valid: the run has no validation (train.eval_interval=0); "
                           "set train.eval_interval=1 to build its held-out set")
-    cfg.run.dir = work_dir
     cfg.checkpoint.load = None  # the weights come from SRC (checkpoint.weights)
     cfg.checkpoint.weights_only = False
     # The datasets are built for one training batch only (never read) and the held-out set.
@@ -168,7 +167,7 @@ def score(ns: argparse.Namespace, work_dir: str) -> dict:
     )
     from megatron_vwn.training.evaluation import evaluate
 
-    cfg, checkpoint = eval_config(ns, work_dir)
+    cfg, checkpoint = eval_config(ns)
     dist = resolve_dist_env()
     validate(cfg, dist.world_size)
     layout = Layout.of(cfg, dist.world_size)
@@ -209,7 +208,7 @@ def score(ns: argparse.Namespace, work_dir: str) -> dict:
 
 
 def _work_dir(ns: argparse.Namespace) -> contextlib.AbstractContextManager[str]:
-    """The scratch run directory (the model's config and logs): ``--work-dir`` (given by
+    """The scratch directory (the evaluation's log, ``logs/eval.log``): ``--work-dir`` (given by
     ``--nproc``), a name every rank of an outside launcher agrees on, or a temporary one."""
     if ns.work_dir:
         return contextlib.nullcontext(ns.work_dir)

@@ -47,3 +47,27 @@ def test_bare_build_allocates_no_training_state(single_process):
 def test_an_optimizer_needs_the_ddp_wrapper(single_process):
     with pytest.raises(ValueError, match="ddp=True"):
         build_model_parts(load_config(None, SHAPE), VOCAB, ddp=False, optimizer=True)
+
+
+def test_load_weights_fills_bare_chunks_and_refuses_a_model_that_does_not_fit(single_process,
+                                                                              tmp_path):
+    from megatron_vwn.checkpoint.errors import CheckpointError
+    from megatron_vwn.checkpoint.weights import load_weights
+    from megatron_vwn.convert.megatron_io import save_weights_checkpoint
+
+    cfg = load_config(None, [*SHAPE, "train.seed=1"])
+    (source,) = build_model_parts(cfg, VOCAB, ddp=False, optimizer=False).modules
+    path = save_weights_checkpoint(source, cfg, VOCAB, tmp_path)
+    other = load_config(None, [*SHAPE, "train.seed=2"])
+    (target,) = build_model_parts(other, VOCAB, ddp=False, optimizer=False).modules
+    assert not torch.equal(target.output_layer.weight, source.output_layer.weight)
+    saved = load_weights([target], path, other.model, VOCAB)
+    assert saved.state.iteration == 0 and saved.padded_vocab_size == VOCAB
+    for (name, loaded), expected in zip(target.state_dict().items(),
+                                        source.state_dict().values(), strict=True):
+        if isinstance(loaded, torch.Tensor):
+            assert torch.equal(loaded, expected), name
+    wider = load_config(None, [*SHAPE, "model.ffn_hidden_size=96"])
+    (misfit,) = build_model_parts(wider, VOCAB, ddp=False, optimizer=False).modules
+    with pytest.raises(CheckpointError, match="does not fit the configured model"):
+        load_weights([misfit], path, wider.model, VOCAB)
