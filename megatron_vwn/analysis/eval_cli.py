@@ -2,8 +2,9 @@
 
 Scores text with a trained model. ``SRC`` is a run directory, its ``checkpoints`` directory or
 one ``iter_*`` checkpoint. The model is built from the checkpoint's ``config.yaml`` at the layout
-the overrides give (``parallel.tensor=2 --nproc 2``: the checkpoint reshards on load) and the
-weights are loaded as a training run loads them (``checkpoint.load`` + ``weights_only``).
+the overrides give (``parallel.tensor=2 --nproc 2``: the checkpoint reshards on load) by the
+build path every command shares (bare chunks, no optimizer: docs/training_loop.md), and the
+weights are loaded into it after the checkpoint's files are verified (``checkpoint/weights.py``).
 
 ``--text FILE``: a raw text file (one document) or a ``.jsonl`` file (one document per line, its
 ``--json-key`` field), tokenized with the run's tokenizer; every document ends with the
@@ -119,8 +120,9 @@ def bits_per_byte(loss: float, tokens: int, num_bytes: int) -> float:
     return loss * tokens / math.log(2) / max(num_bytes, 1)
 
 
-def eval_config(ns: argparse.Namespace, work_dir: str):
-    """The run's config from the checkpoint, with the user's overrides and what scoring needs."""
+def eval_config(ns: argparse.Namespace):
+    """The run's config from the checkpoint, with the user's overrides and what scoring needs;
+    and the checkpoint directory."""
     from megatron_vwn.checkpoint.files import CONFIG_FILE
     from megatron_vwn.checkpoint.inspect import resolve_checkpoint_dir
     from megatron_vwn.config import load_config
@@ -135,57 +137,67 @@ def eval_config(ns: argparse.Namespace, work_dir: str):
     if ns.valid and not cfg.train.eval_interval:
         raise ConfigError("--valid: the run has no validation (train.eval_interval=0); "
                           "set train.eval_interval=1 to build its held-out set")
-    cfg.run.dir = work_dir
-    cfg.run.name = "eval"
-    cfg.checkpoint.load = str(checkpoint)
-    cfg.checkpoint.weights_only = True
-    cfg.checkpoint.resume = "never"
-    cfg.checkpoint.save_interval = 0
-    cfg.checkpoint.async_save = False
-    cfg.logging.wandb = "off"
-    # A one-step schedule: the training set is built for one batch only, and never read.
+    cfg.checkpoint.load = None  # the weights come from SRC (checkpoint.weights)
+    cfg.checkpoint.weights_only = False
+    # The datasets are built for one training batch only (never read) and the held-out set.
     cfg.train.iters = 1
     cfg.train.warmup_iters = 0
     cfg.train.lr_decay_iters = None
     if not ns.valid:
         cfg.train.eval_interval = 0
-    return cfg
+    return cfg, checkpoint
 
 
 def score(ns: argparse.Namespace, work_dir: str) -> dict:
     """Build the model on this rank, load the checkpoint, score; the result on every rank."""
     from megatron.core import parallel_state
 
+    from megatron_vwn.checkpoint.weights import load_weights
     from megatron_vwn.config import validate
     from megatron_vwn.data.sampler import build_loader
     from megatron_vwn.launch.env import resolve_dist_env
-    from megatron_vwn.parallel.distributed import destroy_distributed
+    from megatron_vwn.log import setup_logging, silence_expected_warnings
+    from megatron_vwn.parallel.distributed import destroy_distributed, initialize_distributed
+    from megatron_vwn.training.build import (
+        Layout,
+        build_loaders,
+        build_model_parts,
+        build_schedule,
+        run_inputs,
+    )
     from megatron_vwn.training.evaluation import evaluate
-    from megatron_vwn.training.trainer import Trainer
 
-    cfg = eval_config(ns, work_dir)
+    cfg, checkpoint = eval_config(ns)
     dist = resolve_dist_env()
     validate(cfg, dist.world_size)
-    trainer = Trainer(cfg, dist)
+    layout = Layout.of(cfg, dist.world_size)
+    inputs = run_inputs(cfg)
+    initialize_distributed(cfg, dist)
     try:
+        setup_logging(dist.rank, Path(work_dir) / "logs" / "eval.log")
+        silence_expected_warnings()
+        parts = build_model_parts(cfg, inputs.vocab_size, ddp=False, optimizer=False)
+        load_weights(parts.modules, checkpoint, cfg.model, inputs.vocab_size)
+        schedule = build_schedule(cfg, layout, inputs.tokenizer.eod)
         if ns.valid:
-            losses, tokens = trainer.held_out.score(trainer.model, trainer.schedule)
+            held_out = build_loaders(cfg, inputs, layout, parts.feeds_data, consumed_train=0,
+                                     consumed_valid=0).held_out
+            losses, tokens = held_out.score(parts.model, schedule)
             num_bytes = None
         else:
-            text = text_samples(read_documents(ns.text, ns.json_key), trainer.tokenizer,
+            text = text_samples(read_documents(ns.text, ns.json_key), inputs.tokenizer,
                                 cfg.model.seq_length, cfg.data.eod_mask_loss)
             samples = pad_to_batches(text.samples, cfg.train.global_batch_size)
             iterators = [
                 build_loader(samples, cfg.train.micro_batch_size,
                              parallel_state.get_data_parallel_rank(),
-                             trainer.layout.data_parallel) if feeds else None
-                for feeds in trainer.feeds_data
+                             layout.data_parallel) if feeds else None
+                for feeds in parts.feeds_data
             ]
-            losses, tokens = evaluate(trainer.model, iterators, trainer.schedule,
+            losses, tokens = evaluate(parts.model, iterators, schedule,
                                       len(samples) // cfg.train.global_batch_size)
             num_bytes = text.bytes
     finally:
-        trainer.close()
         destroy_distributed()
     loss = losses["lm_loss"]
     result = {"tokens": tokens, "loss": loss, "ppl": math.exp(min(loss, 700.0)),
@@ -196,7 +208,7 @@ def score(ns: argparse.Namespace, work_dir: str) -> dict:
 
 
 def _work_dir(ns: argparse.Namespace) -> contextlib.AbstractContextManager[str]:
-    """The scratch run directory (the model's config and logs): ``--work-dir`` (given by
+    """The scratch directory (the evaluation's log, ``logs/eval.log``): ``--work-dir`` (given by
     ``--nproc``), a name every rank of an outside launcher agrees on, or a temporary one."""
     if ns.work_dir:
         return contextlib.nullcontext(ns.work_dir)

@@ -41,7 +41,6 @@ from megatron_vwn.checkpoint.failures import (
 )
 from megatron_vwn.checkpoint.files import (
     CONFIG_FILE,
-    check_files,
     data_files,
     describe_files,
     iter_dir_name,
@@ -58,7 +57,6 @@ from megatron_vwn.checkpoint.state import (
     RunState,
     SavedRun,
     capture_rng,
-    load_common_state_dict,
     load_optimizer_state,
     model_keys,
     model_sharded_state_dict,
@@ -67,6 +65,7 @@ from megatron_vwn.checkpoint.state import (
     rng_sharded_object,
     sharding_metadata,
 )
+from megatron_vwn.checkpoint.weights import saved_run, verify_checkpoint
 from megatron_vwn.config import Config, dump_config, to_dict
 from megatron_vwn.config.errors import ConfigError
 from megatron_vwn.runs.rows import trim_rows
@@ -160,7 +159,7 @@ class CheckpointManager:
         failures = []
         for candidate in candidates:
             try:
-                self._verify(candidate.path)
+                verify_checkpoint(candidate.path)
             except CorruptCheckpointError as exc:
                 if not fallback:
                     raise
@@ -173,30 +172,9 @@ class CheckpointManager:
             + " (move the directory away or set checkpoint.resume=never to start fresh)"
         )
 
-    def _verify(self, path: Path) -> None:
-        """Manifest present and every file intact; each rank checks its share (collective)."""
-        rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
-        try:
-            manifest = read_manifest(path)
-            problems = check_files(path, manifest, sorted(manifest["files"])[rank::world])
-        except CorruptCheckpointError as exc:
-            problems = [str(exc)]
-        gathered = [None] * world
-        torch.distributed.all_gather_object(gathered, problems)
-        problems = sorted({p for rank_problems in gathered for p in rank_problems})
-        if problems:
-            more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
-            message = problems[0] if problems[0].startswith("checkpoint ") else (
-                f"checkpoint {path} is corrupted: {problems[0]}")
-            raise CorruptCheckpointError(message + more)
-
     def _load(self, path: Path, model: list, optimizer, scheduler, weights_only: bool) -> RunState:
         tick = time.perf_counter()
-        common = load_common_state_dict(path)
-        if "run" not in common:
-            raise CheckpointError(f"checkpoint {path} holds no megatron-vwn run state (written by "
-                                  f"another program?); it cannot be resumed")
-        saved = SavedRun.from_dict(common["run"])
+        saved = saved_run(path)
         if not weights_only and read_manifest(path).get("weights_only"):
             raise CheckpointError(
                 f"checkpoint {path} holds weights only (written by convert from-hf): add "
@@ -206,7 +184,7 @@ class CheckpointManager:
         here = Layout.current()
         if not weights_only:
             self._check_optimizer_format(path, saved, model)
-        state_dict = model_sharded_state_dict(model, self.metadata)
+        state_dict = model_sharded_state_dict([chunk.module for chunk in model], self.metadata)
         if not weights_only:
             state_dict["optimizer"] = optimizer_sharded_state_dict(
                 optimizer, dict(state_dict), self.metadata, is_loading=True
@@ -294,7 +272,8 @@ class CheckpointManager:
             except OSError as exc:
                 error = exc
         if not any_rank(error is not None):
-            state_dict = model_sharded_state_dict(model, self.metadata)
+            state_dict = model_sharded_state_dict(
+                [chunk.module for chunk in model], self.metadata)
             state_dict["optimizer"] = optimizer_sharded_state_dict(
                 optimizer, dict(state_dict), self.metadata, is_loading=False
             )

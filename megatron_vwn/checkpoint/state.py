@@ -3,7 +3,7 @@
 ::
 
     {
-      "model" | "model0", "model1", ...   chunk.module.sharded_state_dict() per (virtual) stage
+      "model" | "model0", "model1", ...   module.sharded_state_dict() per (virtual) stage
       "optimizer":  optimizer.sharded_state_dict(model part)      (not with weights_only)
       "rng_state":  ShardedObject over (pp, tp, dp): python, numpy, torch, CUDA, Megatron tracker
       "opt_param_scheduler": scheduler.state_dict()                (common)
@@ -121,13 +121,13 @@ def model_keys(num_chunks: int) -> list[str]:
     return ["model"] if num_chunks == 1 else [f"model{i}" for i in range(num_chunks)]
 
 
-def model_sharded_state_dict(chunks: list, metadata: dict) -> dict:
-    """The sharded state of every DDP-wrapped chunk (its ``vp_stage`` gives the layer offsets),
+def model_sharded_state_dict(modules: list, metadata: dict) -> dict:
+    """The sharded state of every bare model chunk (its ``vp_stage`` gives the layer offsets),
     stored under the same keys whatever the Megatron-Core release (``compat/mcore.py``)."""
     meta = _with_groups(metadata)
     return {
-        key: canonical_checkpoint_keys(chunk.module.sharded_state_dict(prefix="", metadata=meta))
-        for key, chunk in zip(model_keys(len(chunks)), chunks, strict=True)
+        key: canonical_checkpoint_keys(module.sharded_state_dict(prefix="", metadata=meta))
+        for key, module in zip(model_keys(len(modules)), modules, strict=True)
     }
 
 

@@ -20,11 +20,10 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
 
-from megatron_vwn.checkpoint.errors import LOAD_ERRORS, CheckpointError, describe_load_error
+from megatron_vwn.checkpoint.errors import CheckpointError
 from megatron_vwn.config import Config, to_dict
 from megatron_vwn.config.errors import ConfigError
 from megatron_vwn.config.loader import from_dict
@@ -99,18 +98,14 @@ def ensure_single_process_world(seed: int = 1234) -> None:
 
 
 def build_single_model(cfg: Config, padded_vocab_size: int) -> torch.nn.Module:
-    """The whole model in this process, eval mode, on the CPU (fp32 unless ``cfg`` says)."""
-    from megatron_vwn.model.builder import build_model
+    """The whole model in this process, eval mode, on the CPU (fp32 unless ``cfg`` says): the
+    build path of every command (:func:`megatron_vwn.training.build.build_model_parts`), bare
+    (no DDP wrapper, no optimizer)."""
+    from megatron_vwn.training.build import build_model_parts
 
     ensure_single_process_world(cfg.train.seed)
-    (model,) = build_model(cfg, padded_vocab_size)
+    (model,) = build_model_parts(cfg, padded_vocab_size, ddp=False, optimizer=False).modules
     return model.eval()
-
-
-def _sharded_state_dict(model: torch.nn.Module) -> dict:
-    from megatron_vwn.checkpoint.state import model_sharded_state_dict, sharding_metadata
-
-    return model_sharded_state_dict([SimpleNamespace(module=model)], sharding_metadata(False))
 
 
 def true_vocab_size(cfg: Config, padded_vocab_size: int, tokenizer_vocab: int | None) -> int:
@@ -125,10 +120,9 @@ def load_checkpoint(path: str | Path, tokenizer_vocab: int | None = None,
 
     Starts a one-rank process group (:func:`ensure_single_process_world`) if there is none.
     """
-    from megatron.core import dist_checkpointing
-
     from megatron_vwn.checkpoint.files import check_files, read_manifest
     from megatron_vwn.checkpoint.state import SavedRun
+    from megatron_vwn.checkpoint.weights import load_weights
 
     directory, saved = read_saved_run(path)
     if verify_files:
@@ -139,16 +133,7 @@ def load_checkpoint(path: str | Path, tokenizer_vocab: int | None = None,
     assert isinstance(saved, SavedRun)
     cfg = single_process_config(saved.config)
     model = build_single_model(cfg, saved.padded_vocab_size)
-    state_dict = _sharded_state_dict(model)
-    tick = time.perf_counter()
-    try:
-        loaded = dist_checkpointing.load(state_dict, str(directory))
-    except LOAD_ERRORS as exc:
-        raise CheckpointError(f"checkpoint {directory} could not be loaded: "
-                              f"{describe_load_error(exc)}") from exc
-    model.load_state_dict(loaded["model"], strict=True)
-    logger.info("loaded %s (iteration %d, saved at %s) at TP1 x PP1 in %.1f s", directory,
-                saved.state.iteration, saved.layout.describe(), time.perf_counter() - tick)
+    load_weights([model], directory, cfg.model, saved.padded_vocab_size, verify=False)
     return LoadedModel(
         cfg=cfg, model=model, padded_vocab_size=saved.padded_vocab_size,
         vocab_size=true_vocab_size(cfg, saved.padded_vocab_size, tokenizer_vocab),
@@ -192,7 +177,13 @@ def save_weights_checkpoint(model: torch.nn.Module, cfg: Config, padded_vocab_si
         write_tracker,
     )
     from megatron_vwn.checkpoint.saver import Saver
-    from megatron_vwn.checkpoint.state import Layout, RunState, SavedRun, sharding_metadata
+    from megatron_vwn.checkpoint.state import (
+        Layout,
+        RunState,
+        SavedRun,
+        model_sharded_state_dict,
+        sharding_metadata,
+    )
     from megatron_vwn.config import dump_config
 
     checkpoints = Path(out_dir) / "checkpoints"
@@ -201,7 +192,7 @@ def save_weights_checkpoint(model: torch.nn.Module, cfg: Config, padded_vocab_si
         raise CheckpointError(f"{path} already exists; choose an empty output directory")
     path.mkdir(parents=True, exist_ok=True)
     layout = Layout.current()
-    state_dict = _sharded_state_dict(model)
+    state_dict = model_sharded_state_dict([model], sharding_metadata(False))
     state_dict["run"] = SavedRun(
         state=RunState(iteration=iteration), layout=layout, padded_vocab_size=padded_vocab_size,
         config=to_dict(cfg), version=__version__, sharding={},

@@ -15,7 +15,7 @@ Every row has ``split``, ``iteration`` and ``consumed_tokens``; by split:
   ``mtp_loss_k`` with MTP);
 * ``"analysis"`` (with ``analysis.interaction_interval``): ``aofe_ratio_agop``, ``aofe_agop``,
   ``aofe_ratio_wtw``, ``aofe_wtw``, ``analysis_sequences``, ``analysis_probes``,
-  ``analysis_time_s`` (:mod:`megatron_vwn.analysis.interaction_hook`).
+  ``analysis_time_s`` (:mod:`megatron_vwn.training.interaction_hook`).
 
 Keys are added, never renamed. A reader skips a line that does not parse: the last line of a
 run that is writing right now, or one cut off by a crash.

@@ -114,6 +114,8 @@ class StepResult:
     grad_norm: float | None = None
     skipped: bool = False
     """The update was dropped: a non-finite loss or gradient norm (training/faults.py)."""
+    lr: float | None = None
+    """The learning rate the step ran with (training steps only)."""
 
     @property
     def lm_loss(self) -> float:
@@ -180,6 +182,7 @@ def train_step(model_chunks: list, optimizer, scheduler, data_iterators: list,
     # GPTModel also accumulates MTP losses in Megatron's global logging tracker; we report our
     # own token-weighted per-depth losses, so keep that tracker from growing (or going stale).
     MTPLossLoggingHelper.tracker.clear()
+    lr = optimizer.param_groups[0]["lr"]
     for chunk in model_chunks:
         chunk.zero_grad_buffer()
     optimizer.zero_grad()
@@ -190,11 +193,12 @@ def train_step(model_chunks: list, optimizer, scheduler, data_iterators: list,
     finally:
         schedule.forward_step.inject_nan = False
     if not all(math.isfinite(value) for value in losses.values()):
-        return StepResult(losses=losses, tokens=tokens, grad_norm=None, skipped=True)
+        return StepResult(losses=losses, tokens=tokens, grad_norm=None, skipped=True, lr=lr)
     success, grad_norm, _ = optimizer.step()
     if success:
         scheduler.step(increment=1)
-    return StepResult(losses=losses, tokens=tokens, grad_norm=grad_norm, skipped=not success)
+    return StepResult(losses=losses, tokens=tokens, grad_norm=grad_norm, skipped=not success,
+                      lr=lr)
 
 
 @torch.no_grad()

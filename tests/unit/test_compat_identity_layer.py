@@ -37,7 +37,8 @@ class IdentityConnection(torch.nn.Module):
 
 def _identity_shape():
     """What ``VWNTransformerLayer`` asks of its ``vwn`` argument, with identity connections."""
-    return SimpleNamespace(wraps_layer=False, member=SimpleNamespace(slots=("attention_id", "mlp_id")),
+    return SimpleNamespace(wraps_layer=False,
+                           member=SimpleNamespace(slots=("attention_id", "mlp_id")),
                            make_connection=lambda *args: IdentityConnection())
 
 

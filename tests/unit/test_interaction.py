@@ -10,9 +10,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from megatron_vwn.analysis.interaction import agop_sum, aofe, projection, wtw
-from megatron_vwn.analysis.interaction_probe import gathered_table, layout_agop, local_projection
 from megatron_vwn.config import load_config
+from megatron_vwn.training.interaction import agop_sum, aofe, projection, wtw
+from megatron_vwn.training.interaction_probe import gathered_table, layout_agop, local_projection
 from megatron_vwn.training.step import ForwardStep, Schedule
 
 SHAPE = ["model.num_layers=2", "model.hidden_size=32", "model.num_attention_heads=4",

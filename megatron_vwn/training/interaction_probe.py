@@ -1,6 +1,6 @@
 """The AGOP and the gathered token table of a Megatron-Core model, in any parallel layout.
 
-``J_P`` (see :mod:`megatron_vwn.analysis.interaction`) is taken with backward passes through
+``J_P`` (see :mod:`megatron_vwn.training.interaction`) is taken with backward passes through
 Megatron's own pipeline schedules: micro-batch ``(x, i)`` runs the sequences ``x`` forward and
 backpropagates ``sum_x <P_i, logits_last(x)>``; a hook on the token-table lookup of the first
 stage keeps the gradient of its output, row ``i`` of ``J_P(x)`` for every sequence of ``x``.
@@ -28,7 +28,7 @@ from functools import partial
 import torch
 from megatron.core import parallel_state
 
-from megatron_vwn.analysis.interaction import agop_sum
+from megatron_vwn.training.interaction import agop_sum
 from megatron_vwn.training.step import Schedule
 
 
