@@ -27,12 +27,12 @@ from megatron_vwn.checkpoint.errors import (
 from megatron_vwn.checkpoint.files import check_files, read_manifest
 from megatron_vwn.checkpoint.state import (
     SavedRun,
+    load_common_state_dict,
     model_keys,
     model_sharded_state_dict,
     sharding_metadata,
 )
 from megatron_vwn.config.schema import ModelConfig
-from megatron_vwn.model.mcore_compat import load_common_state_dict
 
 logger = logging.getLogger(__name__)
 
