@@ -20,7 +20,7 @@ import sys
 from collections.abc import Sequence
 
 from megatron_vwn.config.errors import ConfigError
-from megatron_vwn.config.loader import DEFAULT_CONFIG
+from megatron_vwn.config.loader import split_config_and_overrides
 
 
 class _Parser(argparse.ArgumentParser):
@@ -42,17 +42,11 @@ def _train_parser(sub) -> None:
     p.set_defaults(run=cmd_train)
 
 
-def _split_config_and_overrides(args: list[str]) -> tuple[str, list[str]]:
-    if args and "=" not in args[0]:
-        return args[0], args[1:]
-    return DEFAULT_CONFIG, args
-
-
 def cmd_train(ns: argparse.Namespace) -> int:
     from megatron_vwn.config import load_config, validate
-    from megatron_vwn.launch.env import resolve_dist_env, under_launcher
+    from megatron_vwn.parallel.env import resolve_dist_env, under_launcher
 
-    config_path, overrides = _split_config_and_overrides(ns.args)
+    config_path, overrides = split_config_and_overrides(ns.args)
     cfg = load_config(config_path, overrides)
     if ns.nproc is not None and not under_launcher():
         if ns.nproc < 1:
@@ -108,7 +102,7 @@ def cmd_convert(ns: argparse.Namespace) -> int:
 
 
 def cmd_shape(ns: argparse.Namespace) -> int:
-    from megatron_vwn.analysis.shape_cli import run_shape
+    from megatron_vwn.tools.shape_cli import run_shape
 
     return run_shape(ns)
 
@@ -142,10 +136,15 @@ def build_parser() -> argparse.ArgumentParser:
     convert = sub.add_parser("convert", help="Hugging Face export and import")
     add_convert_arguments(convert)
     convert.set_defaults(run=cmd_convert)
-    from megatron_vwn.studies.report_cli import add_analysis_parsers
+    from megatron_vwn.studies.report_cli import add_report_arguments
+    from megatron_vwn.tools.eval_cli import add_eval_arguments
+    from megatron_vwn.tools.profile import add_profile_arguments
 
-    add_analysis_parsers(sub)  # eval, report, profile: each sets its own ``run``
-    from megatron_vwn.analysis.shape_cli import add_shape_arguments
+    # eval, report, profile: each sets its own ``run``
+    add_eval_arguments(sub.add_parser("eval", help="score a text file with a trained model"))
+    add_report_arguments(sub.add_parser("report", help="width-scaling report of runs/sweeps"))
+    add_profile_arguments(sub.add_parser("profile", help="per-module FLOPs, parameters, latency"))
+    from megatron_vwn.tools.shape_cli import add_shape_arguments
 
     shape = sub.add_parser("shape", help="depth-width shape study (plan, sweep, report)")
     add_shape_arguments(shape)
@@ -165,7 +164,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         ns.args.extend(extra)
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
-    from megatron_vwn.training.faults import LostRank, TrainingFault, report_fault
+    from megatron_vwn.parallel.faults import LostRank, TrainingFault
+    from megatron_vwn.training.faults import report_fault
     from megatron_vwn.training.lifetime import exit_now
 
     try:

@@ -46,11 +46,11 @@ def main() -> int:
     )
 
     from megatron_vwn.config import load_config
-    from megatron_vwn.launch.env import resolve_dist_env
     from megatron_vwn.log import silence_expected_warnings
     from megatron_vwn.model.builder import build_model, build_transformer_config
     from megatron_vwn.model.specs import resolve_transformer_impl
     from megatron_vwn.parallel.distributed import initialize_distributed
+    from megatron_vwn.parallel.env import resolve_dist_env
 
     silence_expected_warnings()
     cfg = load_config(None, [

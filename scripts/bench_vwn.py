@@ -151,9 +151,9 @@ def layer_pass(model, cfg, args: argparse.Namespace, device: torch.device):
 def bench_hidden(args: argparse.Namespace, hidden: int) -> list[dict]:
     """Build every variant at width ``hidden``, measure, and return one row per variant."""
     from megatron_vwn.config import load_config
-    from megatron_vwn.launch.env import resolve_dist_env
     from megatron_vwn.model.builder import build_model
     from megatron_vwn.parallel.distributed import destroy_distributed, initialize_distributed
+    from megatron_vwn.parallel.env import resolve_dist_env
 
     cuda = torch.cuda.is_available()
     device = torch.device("cuda") if cuda else torch.device("cpu")

@@ -85,7 +85,7 @@ def train(config: str, overrides: list[str]) -> tuple[object, list[dict], float,
     import torch
 
     from megatron_vwn.config import load_config, validate
-    from megatron_vwn.launch.env import resolve_dist_env
+    from megatron_vwn.parallel.env import resolve_dist_env
     from megatron_vwn.training.faults import RunGuard
     from megatron_vwn.training.trainer import Trainer
 

@@ -68,10 +68,10 @@ from megatron_vwn.checkpoint.state import (
 from megatron_vwn.checkpoint.weights import saved_run, verify_checkpoint
 from megatron_vwn.config import Config, dump_config, to_dict
 from megatron_vwn.config.errors import ConfigError
+from megatron_vwn.optim.optimizer import use_distributed_optimizer
+from megatron_vwn.optim.schedule import load_schedule_state, schedule_state_dict
+from megatron_vwn.parallel.faults import SaveFailed, any_rank
 from megatron_vwn.runs.rows import trim_rows
-from megatron_vwn.training.faults import SaveFailed, any_rank
-from megatron_vwn.training.optim import use_distributed_optimizer
-from megatron_vwn.training.schedule import load_schedule_state, schedule_state_dict
 
 logger = logging.getLogger(__name__)
 

@@ -35,6 +35,14 @@ def resolve_config_path(name_or_path: str) -> Path:
     raise ConfigError(f"config file {name_or_path!r} not found; shipped configs: {names}")
 
 
+def split_config_and_overrides(args: list[str]) -> tuple[str, list[str]]:
+    """A command's ``[CONFIG] [key=value ...]`` arguments: the config (the default when the first
+    argument is already an override) and the overrides."""
+    if args and "=" not in args[0]:
+        return args[0], args[1:]
+    return DEFAULT_CONFIG, args
+
+
 def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -> Config:
     """Read a YAML config (None: the tiny default) and apply ``key=value`` overrides."""
     raw = _load_yaml(resolve_config_path(str(path))) if path is not None else {}

@@ -6,6 +6,7 @@ each check raises one :class:`ConfigError` naming the keys and the allowed value
 
 from __future__ import annotations
 
+import importlib.util
 from typing import TYPE_CHECKING
 
 from megatron_vwn.config.errors import ConfigError
@@ -32,11 +33,16 @@ def validate_schedule(train: TrainConfig) -> None:
             f"{train.decay_iters - train.warmup_iters}): the decay starts after the warmup")
 
 
+def check_tensorboard_available() -> None:
+    """Refuse ``logging.tensorboard=on`` in one line when the package is missing."""
+    if importlib.util.find_spec("tensorboard") is None:
+        raise ConfigError("logging.tensorboard=on needs the tensorboard package (pip install "
+                          "'megatron-vwn[tensorboard]'); allowed here: off")
+
+
 def validate_switches(cfg: Config) -> None:
     """The checks that need more than one sub-config or the installed packages."""
     if cfg.logging.tensorboard == "on":
-        from megatron_vwn.training.tensorboard import check_tensorboard_available
-
         check_tensorboard_available()
     validate_recompute(cfg)
     validate_fp8(cfg)
@@ -44,7 +50,7 @@ def validate_switches(cfg: Config) -> None:
 
 def validate_recompute(cfg: Config) -> None:
     """``train.recompute*`` keys that fit together, the layout and ``model.vwn.recompute``."""
-    from megatron_vwn.training.recompute import layers_per_stage, recomputes_every_layer
+    from megatron_vwn.config.recompute import layers_per_stage, recomputes_every_layer
 
     train = cfg.train
     mode = train.recompute

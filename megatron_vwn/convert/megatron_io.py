@@ -76,8 +76,8 @@ def ensure_single_process_world(seed: int = 1234) -> None:
     from megatron.core import parallel_state
 
     from megatron_vwn.compat.cpu import enable_cpu_support
-    from megatron_vwn.launch.env import free_port
     from megatron_vwn.parallel.distributed import set_seed
+    from megatron_vwn.parallel.env import free_port
 
     if torch.cuda.is_available():
         raise ConfigError(

@@ -14,6 +14,8 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron_vwn.compat.cpu import cpu_mode
 from megatron_vwn.compat.mcore import GPTModel
 from megatron_vwn.compat.mcore_internals import install_embedding
+from megatron_vwn.config.fp8 import fp8_fields
+from megatron_vwn.config.recompute import recompute_fields
 from megatron_vwn.config.schema import Config
 from megatron_vwn.model.layout import initialize_layout_invariant
 from megatron_vwn.model.moe import tag_routers
@@ -23,8 +25,6 @@ from megatron_vwn.model.specs import model_specs, resolve_transformer_impl
 from megatron_vwn.model.width.ghc_recompute import link_recompute_chain
 from megatron_vwn.model.width.vwn import VWNShape
 from megatron_vwn.model.width.vwn_io import VWNEmbedding
-from megatron_vwn.training.fp8 import fp8_fields
-from megatron_vwn.training.recompute import recompute_fields
 
 
 def compute_dtype(precision: str) -> torch.dtype:

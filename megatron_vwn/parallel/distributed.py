@@ -12,7 +12,7 @@ from megatron.core import parallel_state, tensor_parallel
 
 from megatron_vwn.compat.cpu import cpu_mode, enable_cpu_support
 from megatron_vwn.config.schema import Config
-from megatron_vwn.launch.env import DistEnv
+from megatron_vwn.parallel.env import DistEnv
 from megatron_vwn.parallel.watchdog import default_timeout_s, start_watchdog, stop_watchdog
 
 

@@ -1,20 +1,9 @@
 """``megatron-vwn report RUN_OR_SWEEP_DIR... [--baseline DIR] --out DIR`` (see
-:mod:`megatron_vwn.studies.report` and docs/width_scaling.md), and the registration of the
-three analysis subcommands (``eval``, ``report``, ``profile``) in the CLI."""
+:mod:`megatron_vwn.studies.report` and docs/width_scaling.md)."""
 
 from __future__ import annotations
 
 import argparse
-
-
-def add_analysis_parsers(sub) -> None:
-    """Add ``eval``, ``report`` and ``profile`` to the CLI's subparsers."""
-    from megatron_vwn.analysis.eval_cli import add_eval_arguments
-    from megatron_vwn.analysis.profile import add_profile_arguments
-
-    add_eval_arguments(sub.add_parser("eval", help="score a text file with a trained model"))
-    add_report_arguments(sub.add_parser("report", help="width-scaling report of runs/sweeps"))
-    add_profile_arguments(sub.add_parser("profile", help="per-module FLOPs, parameters, latency"))
 
 
 def add_report_arguments(p: argparse.ArgumentParser) -> None:

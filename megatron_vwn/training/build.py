@@ -33,11 +33,11 @@ from megatron_vwn.data.datasets import PreparedData, build_datasets, prepare_dat
 from megatron_vwn.data.sampler import build_loader
 from megatron_vwn.data.tokenizer import load_tokenizer
 from megatron_vwn.model.builder import build_model, padded_vocab_size
+from megatron_vwn.optim.optimizer import build_optimizer, use_distributed_optimizer
+from megatron_vwn.optim.schedule import build_scheduler
 from megatron_vwn.parallel.pipeline import tensor_shape_adjuster
 from megatron_vwn.training.evaluation import HeldOut, valid_samples_needed
 from megatron_vwn.training.faults import guard_optimizer
-from megatron_vwn.training.optim import build_optimizer, use_distributed_optimizer
-from megatron_vwn.training.schedule import build_scheduler
 from megatron_vwn.training.step import ForwardStep, Schedule
 
 logger = logging.getLogger(__name__)

@@ -27,38 +27,14 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from megatron_vwn.config.schema import DebugConfig, TrainConfig
-from megatron_vwn.parallel.watchdog import EXIT_LOST_RANK, current_watchdog
+from megatron_vwn.parallel.faults import LostRank, NonFiniteLoss, TrainingFault, any_rank
+from megatron_vwn.parallel.watchdog import current_watchdog
 
 FAULT_FILE_ENV = "MVWN_FAULT_FILE"
 """Set by ``megatron-vwn train --nproc``: the reporting rank writes its exit status and line
 there, so the launching process exits with them (torchrun itself only knows "failed": 1)."""
 
 logger = logging.getLogger(__name__)
-
-
-class TrainingFault(RuntimeError):
-    """A fault that stops training with ``exit_code`` and one line (see the module docstring).
-
-    ``report`` is True on the rank that prints the line (the others exit silently).
-    """
-
-    exit_code = 1
-
-    def __init__(self, message: str, report: bool = True):
-        super().__init__(message)
-        self.report = report
-
-
-class NonFiniteLoss(TrainingFault):
-    exit_code = 3
-
-
-class LostRank(TrainingFault):
-    exit_code = EXIT_LOST_RANK
-
-
-class SaveFailed(TrainingFault):
-    exit_code = 5
 
 
 def record_fault(exit_code: int, message: str) -> None:
@@ -191,18 +167,6 @@ def _diagnose(watchdog) -> list[str]:
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-
-
-def any_rank(flag: bool) -> bool:
-    """True on every rank when ``flag`` is True on any rank (one all-reduce)."""
-    import torch
-
-    if not torch.distributed.is_initialized():
-        return flag
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    box = torch.tensor([1 if flag else 0], dtype=torch.int32, device=device)
-    torch.distributed.all_reduce(box, op=torch.distributed.ReduceOp.MAX)
-    return bool(box.item())
 
 
 def guard_optimizer(optimizer) -> None:

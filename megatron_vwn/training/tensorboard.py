@@ -10,21 +10,11 @@ merges them.
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 from typing import Any
 
-from megatron_vwn.config.errors import ConfigError
-
 SUBDIR = "tensorboard"
 SKIPPED = ("split", "iteration")
-
-
-def check_tensorboard_available() -> None:
-    """Refuse ``logging.tensorboard=on`` in one line when the package is missing."""
-    if importlib.util.find_spec("tensorboard") is None:
-        raise ConfigError("logging.tensorboard=on needs the tensorboard package (pip install "
-                          "'megatron-vwn[tensorboard]'); allowed here: off")
 
 
 def scalars(row: dict[str, Any]) -> dict[str, float]:

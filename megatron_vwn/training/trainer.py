@@ -19,10 +19,10 @@ import torch
 
 from megatron_vwn.checkpoint import CheckpointManager
 from megatron_vwn.config import Config, dump_config, to_dict, validate
-from megatron_vwn.launch.env import DistEnv, resolve_dist_env
 from megatron_vwn.log import setup_logging, silence_expected_warnings
 from megatron_vwn.model.accounting import flops_per_token, format_summary
 from megatron_vwn.parallel.distributed import initialize_distributed
+from megatron_vwn.parallel.env import DistEnv, resolve_dist_env
 from megatron_vwn.parallel.watchdog import default_timeout_s
 from megatron_vwn.training.build import (
     Layout,

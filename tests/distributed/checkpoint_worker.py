@@ -21,8 +21,8 @@ from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from megatron_vwn.config import load_config, validate
-from megatron_vwn.launch.env import resolve_dist_env
 from megatron_vwn.parallel.distributed import destroy_distributed
+from megatron_vwn.parallel.env import resolve_dist_env
 from megatron_vwn.training.trainer import Trainer
 
 

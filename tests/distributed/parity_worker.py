@@ -17,10 +17,10 @@ import torch
 from megatron.core import parallel_state
 
 from megatron_vwn.config import load_config, validate
-from megatron_vwn.launch.env import resolve_dist_env
 from megatron_vwn.model.layout import global_named_parameters
 from megatron_vwn.model.moe import tensor_shard
 from megatron_vwn.parallel.distributed import destroy_distributed
+from megatron_vwn.parallel.env import resolve_dist_env
 from megatron_vwn.training.trainer import Trainer
 
 

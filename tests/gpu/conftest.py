@@ -18,8 +18,8 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture
 def single_process():
     from megatron_vwn.config import load_config
-    from megatron_vwn.launch.env import resolve_dist_env
     from megatron_vwn.parallel.distributed import destroy_distributed, initialize_distributed
+    from megatron_vwn.parallel.env import resolve_dist_env
 
     initialize_distributed(load_config(None), resolve_dist_env())
     yield

@@ -12,7 +12,7 @@ import sys
 
 import pytest
 
-from megatron_vwn.analysis.eval_cli import bits_per_byte
+from megatron_vwn.tools.eval_cli import bits_per_byte
 
 RUN = [
     "model.num_layers=2", "model.hidden_size=64", "model.num_attention_heads=4",

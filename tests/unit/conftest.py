@@ -11,8 +11,8 @@ import pytest
 @pytest.fixture(scope="module")
 def single_process():
     from megatron_vwn.config import load_config
-    from megatron_vwn.launch.env import resolve_dist_env
     from megatron_vwn.parallel.distributed import destroy_distributed, initialize_distributed
+    from megatron_vwn.parallel.env import resolve_dist_env
 
     launcher = {key: os.environ.get(key) for key in ("MASTER_ADDR", "MASTER_PORT")}
     initialize_distributed(load_config(None), resolve_dist_env())

@@ -13,8 +13,8 @@ import sys
 import pytest
 
 from megatron_vwn.config import ConfigError, load_config, validate
-from megatron_vwn.training.fp8 import fp8_fields
-from megatron_vwn.training.recompute import recompute_fields
+from megatron_vwn.config.fp8 import fp8_fields
+from megatron_vwn.config.recompute import recompute_fields
 
 FOUR_LAYERS = ["model.num_layers=4"]
 

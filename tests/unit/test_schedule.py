@@ -12,7 +12,7 @@ from types import SimpleNamespace
 import pytest
 
 from megatron_vwn.config import ConfigError, load_config, validate
-from megatron_vwn.training.schedule import (
+from megatron_vwn.optim.schedule import (
     build_scheduler,
     load_schedule_state,
     schedule_state_dict,

@@ -182,15 +182,15 @@ def run_profile(ns: argparse.Namespace) -> int:
     import sys
     from dataclasses import asdict
 
-    from megatron_vwn.cli import _split_config_and_overrides
     from megatron_vwn.config import load_config
     from megatron_vwn.config.errors import ConfigError
+    from megatron_vwn.config.loader import split_config_and_overrides
     from megatron_vwn.studies.report import padded_vocab_of
 
     if ns.batch < 1:
         raise ConfigError(f"--batch ({ns.batch}) must be >= 1")
     os.environ["CUDA_VISIBLE_DEVICES"] = ""  # the profile runs on the CPU
-    config_path, overrides = _split_config_and_overrides(ns.args)
+    config_path, overrides = split_config_and_overrides(ns.args)
     cfg = load_config(config_path, overrides)
     with contextlib.redirect_stdout(sys.stderr):  # DeepSpeed's and the build's chatter
         profile = profile_model(cfg, padded_vocab_of(cfg, tensor_parallel=1), ns.batch)

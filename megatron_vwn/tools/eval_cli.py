@@ -155,9 +155,9 @@ def score(ns: argparse.Namespace, work_dir: str) -> dict:
     from megatron_vwn.checkpoint.weights import load_weights
     from megatron_vwn.config import validate
     from megatron_vwn.data.sampler import build_loader
-    from megatron_vwn.launch.env import resolve_dist_env
     from megatron_vwn.log import setup_logging, silence_expected_warnings
     from megatron_vwn.parallel.distributed import destroy_distributed, initialize_distributed
+    from megatron_vwn.parallel.env import resolve_dist_env
     from megatron_vwn.training.build import (
         Layout,
         build_loaders,
@@ -240,7 +240,7 @@ def _launch(ns: argparse.Namespace) -> int:
 
 
 def run_eval(ns: argparse.Namespace) -> int:
-    from megatron_vwn.launch.env import resolve_dist_env, under_launcher
+    from megatron_vwn.parallel.env import resolve_dist_env, under_launcher
 
     if ns.nproc is not None and not under_launcher():
         return _launch(ns)

@@ -1,5 +1,5 @@
 """Megatron-Core optimizer (AdamW, optionally distributed); the LR schedule is in
-:mod:`megatron_vwn.training.schedule`."""
+:mod:`megatron_vwn.optim.schedule`."""
 
 from __future__ import annotations
 
