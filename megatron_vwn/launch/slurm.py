@@ -62,7 +62,7 @@ def _site_arguments(p: argparse.ArgumentParser) -> None:
                    help="extra sbatch option, verbatim: --sbatch-arg=--mail-type=FAIL")
 
 
-def _job_arguments(p: argparse.ArgumentParser) -> None:
+def job_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("args", nargs="*", metavar="[CONFIG] [key=value ...]",
                    help="a YAML file or shipped config name, then dotted overrides")
     p.add_argument("--chain", type=int, default=None,
@@ -77,12 +77,12 @@ def add_slurm_arguments(parser: argparse.ArgumentParser) -> None:
     actions = parser.add_subparsers(dest="action", required=True)
     submit = actions.add_parser("submit", help="submit one training run",
                                 description=__doc__, formatter_class=_Raw)
-    _job_arguments(submit)
+    job_arguments(submit)
     submit.add_argument("--job-name", help="job and log name (default: run.name or the run "
                                            "directory's name)")
     sweep = actions.add_parser("sweep", help="submit the backbone and its virtual widths",
                                description=__doc__, formatter_class=_Raw)
-    _job_arguments(sweep)
+    job_arguments(sweep)
     sweep.add_argument("--widths", type=str, default=None,
                        help="virtual width factors, e.g. 1,2,4,8 (1 = backbone, 1.5 = m2 n3)")
     sweep.add_argument("--name", help="sweep name: run names NAME-x2, ... (default: config's)")

@@ -45,12 +45,12 @@ def add_shape_arguments(parser: argparse.ArgumentParser) -> None:
     _model_arguments(plan)
     plan.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
-    from megatron_vwn.launch.slurm import _job_arguments
+    from megatron_vwn.launch.slurm import job_arguments
 
     sweep = actions.add_parser("sweep", help="train every planned shape (local or SLURM)",
                                description=__doc__,
                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    _job_arguments(sweep)  # CONFIG and overrides, --chain, --dry-run, the site flags
+    job_arguments(sweep)  # CONFIG and overrides, --chain, --dry-run, the site flags
     _model_arguments(sweep, several=True)
     sweep.add_argument("--seeds", type=int, default=1,
                        help="runs per shape, train.seed, train.seed + 1, ... (default 1)")
