@@ -21,15 +21,13 @@ from functools import partial
 from pathlib import Path
 
 import torch
-from megatron.core import dist_checkpointing, parallel_state
+from megatron.core import parallel_state
 
 from megatron_vwn import __version__
 from megatron_vwn.checkpoint.compat import check_model_fits
 from megatron_vwn.checkpoint.errors import (
-    LOAD_ERRORS,
     CheckpointError,
     CorruptCheckpointError,
-    describe_load_error,
 )
 from megatron_vwn.checkpoint.failures import (
     describe_errors,
@@ -65,7 +63,7 @@ from megatron_vwn.checkpoint.state import (
     rng_sharded_object,
     sharding_metadata,
 )
-from megatron_vwn.checkpoint.weights import saved_run, verify_checkpoint
+from megatron_vwn.checkpoint.weights import load_sharded, saved_run, verify_checkpoint
 from megatron_vwn.config import Config, dump_config, to_dict
 from megatron_vwn.config.errors import ConfigError
 from megatron_vwn.optim.optimizer import use_distributed_optimizer
@@ -192,11 +190,7 @@ class CheckpointManager:
         same_layout = _same_layout(saved.layout, here)
         if not weights_only and same_layout:
             state_dict["rng_state"] = rng_sharded_object(None)
-        try:
-            loaded = dist_checkpointing.load(state_dict, str(path))
-        except LOAD_ERRORS as exc:  # raised on every rank alike: report it as the user's error
-            raise CheckpointError(f"checkpoint {path} could not be loaded: "
-                                  f"{describe_load_error(exc)}") from exc
+        loaded = load_sharded(state_dict, path)
         for key, chunk in zip(model_keys(len(model)), model, strict=True):
             chunk.module.load_state_dict(loaded[key], strict=True)
         if weights_only:

@@ -79,13 +79,19 @@ def load_weights(modules: list, path: Path, model: ModelConfig, padded_vocab_siz
     check_model_fits(str(path), saved.config.get("model", {}), saved.padded_vocab_size, model,
                      padded_vocab_size)
     state_dict = model_sharded_state_dict(modules, sharding_metadata(False))
-    try:
-        loaded = dist_checkpointing.load(state_dict, str(path))
-    except LOAD_ERRORS as exc:  # raised on every rank alike: report it as the user's error
-        raise CheckpointError(f"checkpoint {path} could not be loaded: "
-                              f"{describe_load_error(exc)}") from exc
+    loaded = load_sharded(state_dict, path)
     for key, module in zip(model_keys(len(modules)), modules, strict=True):
         module.load_state_dict(loaded[key], strict=True)
     logger.info("loaded model weights from %s (iteration %d, saved at %s) in %.1f s", path,
                 saved.state.iteration, saved.layout.describe(), time.perf_counter() - tick)
     return saved
+
+
+def load_sharded(state_dict: dict, path) -> dict:
+    """``dist_checkpointing.load`` with its failures (raised on every rank alike) reported as
+    the user's error in one line."""
+    try:
+        return dist_checkpointing.load(state_dict, str(path))
+    except LOAD_ERRORS as exc:
+        raise CheckpointError(f"checkpoint {path} could not be loaded: "
+                              f"{describe_load_error(exc)}") from exc

@@ -14,6 +14,7 @@ from megatron_vwn.model.builder import build_model, build_transformer_config
 from megatron_vwn.model.width.ghc import GHC, GHCInit, hc_init, vwn_init
 from megatron_vwn.model.width.ghc_reference import GHCReference
 from megatron_vwn.model.width.vwn import VWNTransformerLayer
+from tests.unit.connection_check import assert_same_connection, read_write
 
 VOCAB = 256
 SHAPE = ["model.num_layers=3", "model.hidden_size=32", "model.num_attention_heads=4",
@@ -223,8 +224,7 @@ def _ghc_reference(ghc: GHC, hidden: torch.Tensor, z: torch.Tensor):
                              eps=ghc.eps)
     for name, param in ghc.named_parameters():
         setattr(reference, name, param)  # shared: gradients land on ghc's parameters
-    x, saved = reference.read(hidden)
-    return x, reference.write(z, saved)
+    return read_write(reference, hidden, z)
 
 
 @pytest.mark.parametrize("case", ["vwn_2_3", "vwn_4_8", "hc_1_4", "random_3_5", "recompute"])
@@ -245,24 +245,7 @@ def test_ghc_backward_matches_autograd_of_the_equations(case):
     z = torch.randn(5, 2, m * d_b, dtype=torch.float64, requires_grad=True)
     grad_x, grad_out = torch.randn_like(z), torch.randn_like(hidden)
 
-    def module_forward(ghc, hidden, z):
-        x, saved = ghc.read(hidden)
-        return x, ghc.write(z, saved)
-
-    results = []
-    for forward in (_ghc_reference, module_forward):
-        x, out = forward(ghc, hidden, z)
-        torch.autograd.backward([x, out], [grad_x, grad_out])
-        results.append((x.detach(), out.detach(), hidden.grad, z.grad,
-                        {k: p.grad for k, p in ghc.named_parameters()}))
-        hidden.grad = z.grad = None
-        ghc.zero_grad(set_to_none=True)
-    (ref_x, ref_out, ref_h, ref_z, ref_p), (x, out, g_h, g_z, g_p) = results
-    for expected, actual, what in ((ref_x, x, "x"), (ref_out, out, "out"),
-                                   (ref_h, g_h, "d hidden"), (ref_z, g_z, "d z")):
-        torch.testing.assert_close(actual, expected, rtol=1e-10, atol=1e-10, msg=what)
-    for name, expected in ref_p.items():
-        torch.testing.assert_close(g_p[name], expected, rtol=1e-10, atol=1e-10, msg=name)
+    assert_same_connection(_ghc_reference, ghc, hidden, z, grad_x, grad_out)
 
 
 def test_ghc_gradients_stay_finite_for_a_zero_segment_and_in_bf16():

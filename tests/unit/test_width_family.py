@@ -15,6 +15,7 @@ from megatron_vwn.model.width.altup_reference import AltUpReference
 from megatron_vwn.model.width.mhc import MHC
 from megatron_vwn.model.width.mhc_reference import MHCReference, sinkhorn
 from megatron_vwn.model.width.vwn import VWNTransformerLayer
+from tests.unit.connection_check import assert_same_connection, read_write
 from tests.unit.test_vwn import VOCAB, _batch, _cfg, _logits, _model
 
 MHC4 = ["model.vwn.connection=mhc", "model.vwn.n=4"]
@@ -439,18 +440,5 @@ def test_training_module_matches_the_reference_module(case):
     hidden = torch.randn(5, 2, n * d, dtype=torch.float64, requires_grad=True)
     z = torch.randn(5, 2, d, dtype=torch.float64, requires_grad=True)
     grad_x, grad_out = torch.randn(5, 2, d, dtype=torch.float64), torch.randn_like(hidden)
-    results = []
-    for forward in (_reference_of(module), module):
-        x, saved = forward.read(hidden)
-        out = forward.write(z, saved)
-        torch.autograd.backward([x, out], [grad_x, grad_out])
-        results.append((x.detach(), out.detach(), hidden.grad, z.grad,
-                        {k: p.grad for k, p in module.named_parameters()}))
-        hidden.grad = z.grad = None
-        module.zero_grad(set_to_none=True)
-    (ref_x, ref_out, ref_h, ref_z, ref_p), (x, out, g_h, g_z, g_p) = results
-    for expected, actual, what in ((ref_x, x, "x"), (ref_out, out, "out"),
-                                   (ref_h, g_h, "d hidden"), (ref_z, g_z, "d z")):
-        torch.testing.assert_close(actual, expected, rtol=1e-10, atol=1e-10, msg=what)
-    for name, expected in ref_p.items():
-        torch.testing.assert_close(g_p[name], expected, rtol=1e-10, atol=1e-10, msg=name)
+    assert_same_connection(lambda m, h, x: read_write(_reference_of(m), h, x), module, hidden,
+                           z, grad_x, grad_out)
