@@ -100,9 +100,12 @@ def test_an_installed_embedding_is_what_the_model_embeds_with(single_process):
 def test_a_synchronous_save_collects_results_in_a_plain_queue(monkeypatch):
     monkeypatch.setattr(filesystem_async, "_results_queue", None)
     use_in_process_results_queue()
-    # The writer takes its results queue from this getter, which must hand ours back.
-    assert isinstance(filesystem_async._get_write_results_queue(), queue.Queue)
-    assert "_get_write_results_queue()" in inspect.getsource(filesystem_async)
+    # The writer takes its results queue from this getter (private in 0.16, public from 0.19),
+    # which must hand ours back.
+    getter = next(name for name in ("get_write_results_queue", "_get_write_results_queue")
+                  if hasattr(filesystem_async, name))
+    assert isinstance(getattr(filesystem_async, getter)(), queue.Queue)
+    assert f"{getter}()" in inspect.getsource(filesystem_async.FileSystemWriterAsync)
 
 
 class _FakeAdam:
