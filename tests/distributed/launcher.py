@@ -6,6 +6,7 @@ hung collective or a crashed checkpoint helper never outlives its test (PLATFORM
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -13,6 +14,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+import torch
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -84,3 +87,16 @@ def selected_params(session, test_name: str, keys: tuple[str, ...]) -> list[tupl
     ``-m`` respected), so a batched launch runs only the cases someone asked for."""
     return [tuple(item.callspec.params[k] for k in keys) for item in session.items
             if getattr(item, "originalname", None) == test_name]
+
+
+def run_batch(worker: str, root: Path, nproc: int, base: list[str],
+              cases: dict[str, list[str]], timeout: float | None = None) -> dict[str, list[dict]]:
+    """Run every case (name -> overrides on top of ``base``) in one launch of ``worker --batch``
+    (``parity_worker.py``'s spec) on ``nproc`` ranks under ``root``; per case, what each rank
+    saved (``out/NAME/rankR.pt``). One launch pays process start-up and imports once."""
+    spec = root / "spec.json"
+    spec.write_text(json.dumps({"out": str(root / "out"), "base": base, "cases": cases}))
+    run_ranks(nproc, [worker, "--batch", str(spec)], log_dir=root,
+              timeout=timeout or 300 + 120 * len(cases))
+    return {name: [torch.load(root / "out" / name / f"rank{r}.pt") for r in range(nproc)]
+            for name in cases}

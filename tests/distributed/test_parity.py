@@ -12,12 +12,10 @@ process start-up and imports were most of the time. Only the cases pytest select
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 
-from tests.distributed.launcher import SMALL_RUN, run_ranks, selected_params
+from tests.distributed.launcher import SMALL_RUN, run_batch, selected_params
 
 WORKER = "tests/distributed/parity_worker.py"
 
@@ -38,16 +36,10 @@ SHARDED_GRADS = {"dp2_distopt"}
 
 
 def _run(tmp_path, data_cache, nproc, overrides):
-    out = tmp_path / "out"
-    out.mkdir()
-    args = [WORKER, str(out), *BASE, f"data.cache_dir={data_cache}",
-            f"run.dir={tmp_path / 'run'}", *overrides]
-    run_ranks(nproc, args, log_dir=tmp_path)
-    ranks = [torch.load(out / f"rank{r}.pt") for r in range(nproc)]
-    grads = {}
-    for rank in ranks:
-        grads.update(rank["grads"])
-    return ranks[0]["losses"], ranks[0]["mtp_losses"], ranks[0]["grad_norms"], grads
+    """One model in a launch of its own: (losses, MTP losses, grad norms, grads)."""
+    base = [*BASE, f"data.cache_dir={data_cache}"]
+    return results_of(run_batch(WORKER, tmp_path, nproc, base, {"run": overrides},
+                                timeout=600)["run"])
 
 
 # Virtual width at 1.5x, 2x and 8x (docs/methods.md §1): every GHC, embedding and reduce gradient is
@@ -115,20 +107,17 @@ def batches(request, tmp_path_factory, data_cache):
                 nproc, overrides = LAYOUTS[layout]
                 models = [model for model, lay in cases if lay == layout]
             root = tmp_path_factory.mktemp(f"parity-{layout}")
-            spec = {"out": str(root / "out"),
-                    "base": [*BASE, f"data.cache_dir={data_cache}", *overrides],
-                    "cases": {model: MODELS.get(model, []) for model in models}}
-            (root / "spec.json").write_text(json.dumps(spec))
-            run_ranks(nproc, [WORKER, "--batch", str(root / "spec.json")], log_dir=root,
-                      timeout=300 + 120 * len(models))
-            results[layout] = {model: _load(root / "out" / model, nproc) for model in models}
+            ranks = run_batch(WORKER, root, nproc,
+                              [*BASE, f"data.cache_dir={data_cache}", *overrides],
+                              {model: MODELS.get(model, []) for model in models})
+            results[layout] = {model: results_of(ranks[model]) for model in models}
         return results[layout]
 
     return get
 
 
-def _load(out, nproc):
-    ranks = [torch.load(out / f"rank{r}.pt") for r in range(nproc)]
+def results_of(ranks: list[dict]) -> tuple:
+    """(losses, MTP losses, grad norms, every rank's grads merged) of one case's rank files."""
     grads = {name: g for rank in ranks for name, g in rank["grads"].items()}
     return ranks[0]["losses"], ranks[0]["mtp_losses"], ranks[0]["grad_norms"], grads
 

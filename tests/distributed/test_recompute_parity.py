@@ -4,13 +4,11 @@ gathered input under SP)."""
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 
-from tests.distributed.launcher import run_ranks
-from tests.distributed.test_parity import BASE, LAYOUTS, WORKER, _run
+from tests.distributed.launcher import run_batch
+from tests.distributed.test_parity import BASE, LAYOUTS, WORKER, _run, results_of
 
 VWN = ["model.vwn.m=2", "model.vwn.n=4"]
 
@@ -68,7 +66,8 @@ CASES = [(layout, model, mode) for layout in RECOMPUTE_LAYOUTS for model, modes 
 
 @pytest.fixture(scope="module")
 def recompute_runs(tmp_path_factory, data_cache):
-    """``runs(layout)``: {case name: (losses, grad norms, grads)} of one batched launch."""
+    """``runs(layout)``: {case name: (losses, MTP losses, grad norms, grads)} of one batched
+    launch."""
     results = {}
 
     def get(layout: str):
@@ -78,20 +77,12 @@ def recompute_runs(tmp_path_factory, data_cache):
             cases = {model: MODELS[model] for model in PAIRS}
             cases.update({f"{model}-{mode}": [*MODELS[model], *MODES[mode]]
                           for model, modes in PAIRS.items() for mode in modes})
-            spec = {"out": str(root / "out"), "cases": cases,
-                    "base": [*BASE, "train.iters=2", f"data.cache_dir={data_cache}", *overrides]}
-            (root / "spec.json").write_text(json.dumps(spec))
-            run_ranks(nproc, [WORKER, "--batch", str(root / "spec.json")], log_dir=root)
-            results[layout] = {name: _load(root / "out" / name, nproc) for name in cases}
+            base = [*BASE, "train.iters=2", f"data.cache_dir={data_cache}", *overrides]
+            ranks = run_batch(WORKER, root, nproc, base, cases, timeout=600)
+            results[layout] = {name: results_of(ranks[name]) for name in cases}
         return results[layout]
 
     return get
-
-
-def _load(out, nproc):
-    ranks = [torch.load(out / f"rank{r}.pt") for r in range(nproc)]
-    grads = {name: g for rank in ranks for name, g in rank["grads"].items()}
-    return ranks[0]["losses"], ranks[0]["grad_norms"], grads
 
 
 # What may differ: autograd can accumulate the gradient of a tensor used at several places (a
@@ -106,8 +97,8 @@ RECOMPUTE_RTOL = 64 * 2.0**-24
 @pytest.mark.parametrize("layout, model, mode", CASES)
 def test_activation_recompute_changes_no_gradient(layout, model, mode, recompute_runs):
     runs = recompute_runs(layout)
-    ref_losses, ref_norms, ref_grads = runs[model]
-    losses, norms, grads = runs[f"{model}-{mode}"]
+    ref_losses, _, ref_norms, ref_grads = runs[model]
+    losses, _, norms, grads = runs[f"{model}-{mode}"]
     assert grads.keys() == ref_grads.keys()
     assert losses[0] == ref_losses[0]  # the first forward is the same computation
     torch.testing.assert_close(torch.tensor(losses), torch.tensor(ref_losses),
