@@ -37,6 +37,7 @@ logger = logging.getLogger(__name__)
 
 REMOTE_DIR = Path(__file__).resolve().parent / "remote"
 REMOTE_FILES = ("configuration_vwn.py", "modeling_vwn.py")
+MEMBERS_FILE = "vwn_members.py"
 MTP_SIDECAR = "mtp_heads.safetensors"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -90,6 +91,15 @@ def mixtral_mismatch(cfg: Config) -> list[str]:
 
 
 def choose_format(cfg: Config, requested: str) -> str:
+    """The format ``requested`` resolves to for ``cfg`` (``auto`` picked), or a
+    :class:`ConfigError` saying why the model cannot be written in it."""
+    fmt = _format(cfg, requested)
+    if fmt == "vwn":
+        _require_reference(cfg)
+    return fmt
+
+
+def _format(cfg: Config, requested: str) -> str:
     backbone = not cfg.model.vwn.enabled
     if cfg.model.moe.enabled:
         reasons = mixtral_mismatch(cfg)
@@ -181,7 +191,7 @@ def vwn_config(loaded: LoadedModel, dtype: str, token_ids: dict):
         vwn_group_norm=vwn.use_group_norm,
         vwn_tau=float(getattr(connection, "tau", 1.0)),
         **(vwn.member.hf_config(vwn) if vwn.enabled else {}),
-        ghc_norm_eps=float(connection.eps) if connection is not None else 1e-6,
+        ghc_norm_eps=float(vwn.norm_epsilon),
         vwn_reduce=shape.reduce if shape is not None else "none",
         mhc_sinkhorn_iters=vwn.mhc.sinkhorn_iters,
         altup_active=_layer_connection_blocks(loaded.model.decoder.layers),
@@ -202,10 +212,38 @@ def vwn_config(loaded: LoadedModel, dtype: str, token_ids: dict):
 
 
 def reference_files() -> list[Path]:
-    """Every registered member's reference module (``modeling_vwn.py`` imports them)."""
+    """Every registered member's reference module (``vwn_members.py`` imports them)."""
     files = {Path(member.reference.__file__): None for member in members()
              if member.reference is not None}  # GHC, HC and Frac share theirs
     return list(files)
+
+
+def members_source() -> str:
+    """``vwn_members.py``: every registered member that has a reference module, as
+    ``modeling_vwn.py`` looks it up by ``vwn_connection``: ``(the reference's hf_connection, it
+    wraps the whole layer, the layer's module names for it in slot order)``. The imports are
+    static lines because transformers copies a remote file's relative imports by reading them."""
+    exportable = [member for member in members() if member.reference is not None]
+    stems = sorted({Path(member.reference.__file__).stem for member in exportable})
+    lines = ['"""The width members this export carries (written by megatron-vwn convert hf',
+             'from its registry): vwn_connection -> (builder, wraps_layer, module names)."""', ""]
+    lines += [f"from .{stem} import hf_connection as {stem}" for stem in stems]
+    lines += ["", "MEMBERS = {"]
+    for member in exportable:
+        stem = Path(member.reference.__file__).stem
+        names = tuple(member.hf_slots().values())
+        lines.append(f"    {member.name!r}: ({stem}, {member.wraps_layer!r}, {names!r}),")
+    return "\n".join([*lines, "}", ""])
+
+
+def _require_reference(cfg: Config) -> None:
+    """A width member without a reference module has no HF remote class to run it."""
+    vwn = cfg.model.vwn
+    if vwn.enabled and vwn.member.reference is None:
+        raise ConfigError(
+            f"--format vwn needs the width member's reference module (WidthMember.reference, "
+            f"docs/width_family.md); model.vwn.connection={vwn.connection} has none, so it "
+            f"cannot be exported")
 
 
 def _connections(layer) -> list:
@@ -279,6 +317,7 @@ def export_loaded(loaded: LoadedModel, out_dir: str | Path, *, fmt: str = "auto"
             shutil.copyfile(REMOTE_DIR / name, out_dir / name)
         for reference in reference_files():
             shutil.copyfile(reference, out_dir / reference.name)
+        (out_dir / MEMBERS_FILE).write_text(members_source())
     config.save_pretrained(out_dir)
     GenerationConfig(**token_ids).save_pretrained(out_dir)
     files = save_sharded(tensors, out_dir, max_shard_bytes)

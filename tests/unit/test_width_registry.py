@@ -145,6 +145,81 @@ def test_toy_member_builds_trains_and_is_counted(single_process, toy):
     assert not torch.equal(layer.mlp_toy.gain.detach(), torch.ones(2))
 
 
+TOY_REFERENCE = '''"""The toy member's equations (torch only): x'_i = x_i + g_i F(mean_j x_j)."""
+
+import torch
+from torch import nn
+
+
+class ToyReference(nn.Module):
+    def __init__(self, n: int, hidden: int):
+        super().__init__()
+        self.n, self.hidden = n, hidden
+        self.gain = nn.Parameter(torch.ones(n))
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        self.gain.fill_(1.0)
+
+    def read(self, hidden):
+        state = hidden.reshape(*hidden.shape[:-1], self.n, self.hidden)
+        return state.mean(dim=-2), state
+
+    def write(self, output, state):
+        return (state + self.gain[:, None] * output.unsqueeze(-2)).flatten(-2)
+
+
+def hf_connection(config, active: int = 0) -> ToyReference:
+    return ToyReference(config.vwn_n, config.hidden_size)
+'''
+
+
+def test_toy_member_exports_to_hugging_face_from_its_one_reference_file(single_process, toy,
+                                                                         tmp_path, monkeypatch):
+    """With a reference module (one file defining ``hf_connection``) the toy is exported as
+    ``VWNForCausalLM`` and the remote class reproduces the Megatron model's logits; without one
+    the export is refused naming the key."""
+    pytest.importorskip("transformers")
+    import importlib.util
+
+    from megatron_vwn.convert.export import choose_format, export_loaded
+    from megatron_vwn.convert.megatron_io import (
+        LoadedModel,
+        build_single_model,
+        single_process_config,
+    )
+    from megatron_vwn.convert.verify import check_parity
+
+    cfg = single_process_config(load_config("tiny", [
+        "model.num_layers=2", "model.hidden_size=64", "model.ffn_hidden_size=128",
+        "model.seq_length=32", *TOY2]))
+    with pytest.raises(ConfigError, match=r"model.vwn.connection=toy has none"):
+        choose_format(cfg, "auto")
+
+    (tmp_path / "toy_reference.py").write_text(TOY_REFERENCE)
+    spec = importlib.util.spec_from_file_location("toy_reference", tmp_path / "toy_reference.py")
+    reference = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(reference)
+    monkeypatch.setattr(toy, "reference", reference, raising=False)
+    monkeypatch.setattr(toy, "hf_params", ("gain",), raising=False)
+
+    model = build_single_model(cfg, 4160)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.add_(0.05 * torch.randn(param.shape, generator=generator))
+    loaded = LoadedModel(cfg=cfg, model=model, padded_vocab_size=4160, vocab_size=4096)
+    # a directory name of its own: transformers caches remote modules by the directory's name
+    result = export_loaded(loaded, tmp_path / "toy_hf")
+    assert (result.out_dir / "toy_reference.py").read_text() == TOY_REFERENCE
+    members_file = (result.out_dir / "vwn_members.py").read_text()
+    assert "from .toy_reference import hf_connection as toy_reference" in members_file
+    assert "'toy': (toy_reference, False, ('attention_toy', 'mlp_toy'))" in members_file
+    # bound: fp32 logits of the same weights through two implementations of 2 layers, as the
+    # other members' export tests (docs/convert.md)
+    assert check_parity(result).max_abs_diff <= 1e-4
+
+
 # The members' paper defaults for model.vwn.dynamic ------------------------------------------
 
 @pytest.mark.parametrize("connection,dynamic", [("ghc", True), ("hc", True), ("frac", True),

@@ -10,9 +10,10 @@ from transformers import PretrainedConfig
 class VWNConfig(PretrainedConfig):
     """Backbone (Llama names) plus the virtual-width layout.
 
-    Virtual width: ``vwn_connection`` is ``ghc`` (Virtual Width Networks), ``hc``
-    (hyper-connections, ``m = 1``), ``frac`` (frac-connections, ``n = m``) or ``none`` (the plain
-    pre-norm residual backbone; used to carry a backbone's multi-token-prediction heads).
+    Virtual width: ``vwn_connection`` names a width member the export carries (``vwn_members.py``
+    beside the model code: ``ghc`` (Virtual Width Networks), ``hc`` (hyper-connections,
+    ``m = 1``), ``frac`` (frac-connections, ``n = m``), ``mhc``, ``altup``) or is ``none`` (the
+    plain pre-norm residual backbone; used to carry a backbone's multi-token-prediction heads).
     ``vwn_m`` (fraction rate) and ``vwn_n`` (slots) give the segment width ``d_b = D / m`` and the
     wide state ``D' = n * d_b``. ``vwn_embedding``: ``wide`` (a ``V x D'`` table) or
     ``factorized`` (``V x D`` then ``D -> D'``); HC replicates a ``V x D`` table ``n`` times.
@@ -27,7 +28,7 @@ class VWNConfig(PretrainedConfig):
     MTP depths; ``vwn_dynamic`` selects Gemma 3n's router variant there. ``vwn_embedding`` is
     also ``replicated`` (the ``D`` table copied ``n`` times), ``projected`` (Gemma 3n: learned
     RMS-matched projections) or ``none``. ``vwn_reduce``: ``ghc`` (GroupNorm + reduce), ``sum``,
-    ``mean``, ``active`` (``altup_exit_block``) or ``none``; None: the connection's old default.
+    ``mean``, ``active`` (``altup_exit_block``) or ``none``.
     ``num_mtp_layers``: multi-token-prediction depths stored with the model (unused by
     ``forward``; see ``VWNForCausalLM.mtp_logits``).
     """
@@ -58,7 +59,7 @@ class VWNConfig(PretrainedConfig):
         vwn_tau: float = 1.0,
         vwn_scalar_scales: bool = False,
         ghc_norm_eps: float = 1e-6,
-        vwn_reduce: str | None = None,
+        vwn_reduce: str = "none",
         mhc_sinkhorn_iters: int = 20,
         altup_active: list | None = None,
         altup_mtp_active: list | None = None,
@@ -97,10 +98,6 @@ class VWNConfig(PretrainedConfig):
         self.vwn_tau = vwn_tau
         self.vwn_scalar_scales = vwn_scalar_scales
         self.ghc_norm_eps = ghc_norm_eps
-        if vwn_reduce is None:  # exports written before the field existed
-            wide = vwn_n * (hidden_size // vwn_m) > hidden_size
-            vwn_reduce = {"hc": "sum"}.get(vwn_connection,
-                                           "ghc" if vwn_connection == "ghc" and wide else "none")
         self.vwn_reduce = vwn_reduce
         self.mhc_sinkhorn_iters = mhc_sinkhorn_iters
         self.altup_active = list(altup_active or [])
@@ -121,9 +118,6 @@ class VWNConfig(PretrainedConfig):
         self.bos_token_id = bos_token_id
         self.eos_token_id = eos_token_id
         self.tie_word_embeddings = tie_word_embeddings
-        if vwn_connection not in ("ghc", "hc", "frac", "mhc", "altup", "none"):
-            raise ValueError(f"vwn_connection ({vwn_connection!r}) must be ghc, hc, frac, mhc, "
-                             f"altup or none")
         if hidden_size % vwn_m or vwn_n < vwn_m:
             raise ValueError(f"need vwn_m | hidden_size and vwn_n >= vwn_m (got m={vwn_m}, "
                              f"n={vwn_n}, hidden_size={hidden_size})")

@@ -2,20 +2,23 @@
 
 Self-contained (torch + transformers), written by ``megatron-vwn convert hf`` next to the weights
 of a megatron-vwn model, with each width member's plain-torch reference of its equations
-(``ghc_reference.py``, ``mhc_reference.py``, ``altup_reference.py``) copied beside it; it
-reproduces that model's forward pass. Tensors are ``[b, s, ...]``.
+(``ghc_reference.py``, ``mhc_reference.py``, ``altup_reference.py``, ...) copied beside it and
+``vwn_members.py``, which the exporter writes from its registry of members: ``vwn_connection``
+-> the reference's ``hf_connection(config, active)`` builder, whether the member wraps the whole
+layer, and the layer's module names for it. This file names no member; it reproduces the
+model's forward pass. Tensors are ``[b, s, ...]``.
 
 Backbone (Llama): RMSNorm pre-norm, grouped-query attention with rotate-half RoPE, SwiGLU MLP.
 Virtual width (VWN arXiv 2511.11238, HC 2409.19606, FC 2503.14125, mHC 2512.24880, AltUp
-2301.13310): the residual stream is a wide state of ``D' = n * d_b`` (``d_b = D / m``). GHC (and
-its presets HC and Frac) and mHC wrap every sublayer; AltUp wraps the whole layer (residual
-included). Their equations are in the reference modules beside this file
-(``ghc_reference.py``, ``mhc_reference.py``, ``altup_reference.py``), the same files megatron-vwn
-checks its training modules against.
+2301.13310): the residual stream is a wide state of ``D' = n * d_b`` (``d_b = D / m``). Sublayer
+members (GHC and its presets HC and Frac, mHC) wrap attention and the MLP; layer members (AltUp)
+wrap the whole layer, residual included. Their equations are in the reference modules beside
+this file, the same files megatron-vwn checks its training modules against.
 
-Input: ``wide`` table ``V x D'``, ``factorized`` ``V x D`` then ``W_expand: D -> D'``, the
-``D`` embedding replicated ``n`` times (HC, mHC, Recycled-AltUp), or ``projected`` (Gemma 3n:
-stream ``i > 0`` is ``W_i e`` RMS-matched to ``e``). Output: GroupNorm (groups of ``D``) and
+Input (``vwn_embedding``): ``wide`` table ``V x D'``, ``factorized`` ``V x D`` then
+``W_expand: D -> D'``, ``replicated`` (the ``D`` embedding copied ``n`` times: HC, mHC,
+Recycled-AltUp), ``projected`` (Gemma 3n: stream ``i > 0`` is ``W_i e`` RMS-matched to ``e``) or
+``none`` (``D' = D``). Output (``vwn_reduce``): GroupNorm (groups of ``D``) and
 ``W_reduce: D' -> D`` (VWN), the sum / mean of the ``n`` streams or AltUp's last computed block
 (Gemma 3n's streams ``i > 0`` first projected back and RMS-matched), or nothing (Frac), then the
 final RMSNorm and the LM head. ``vwn_connection = "none"`` is the plain residual backbone.
@@ -41,10 +44,9 @@ from transformers import GenerationMixin, PreTrainedModel
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
-from .altup_reference import AltUpReference, rms_matched
+from .altup_reference import rms_matched  # the projected entry (Gemma 3n)
 from .configuration_vwn import VWNConfig
-from .ghc_reference import GHCReference
-from .mhc_reference import MHCReference
+from .vwn_members import MEMBERS
 
 # transformers 5.24 renamed the outputs' and ``forward``'s ``past_key_values`` to ``cache``
 # (``generate()`` passes ``cache=``); the old name is what 5.23 and earlier use.
@@ -204,19 +206,21 @@ class VWNMoE(nn.Module):
         return out.reshape(x.shape)
 
 
-def sublayer_connection(config: VWNConfig) -> nn.Module:
-    """The module around one sublayer: mHC, or GHC (HC and Frac are GHC presets)."""
-    if config.vwn_connection == "mhc":
-        return MHCReference(config.vwn_n, config.hidden_size, dynamic=config.vwn_dynamic,
-                            sinkhorn_iters=config.mhc_sinkhorn_iters, eps=config.ghc_norm_eps)
-    return GHCReference(config.vwn_m, config.vwn_n, config.segment_width,
-                        dynamic=config.vwn_dynamic, tau=config.vwn_tau, eps=config.ghc_norm_eps,
-                        scalar_scales=config.vwn_scalar_scales)
+def width_member(config: VWNConfig):
+    """``(build, wraps_layer, names)`` of ``config.vwn_connection`` (see ``vwn_members.py``), or
+    None for the plain backbone (``none``)."""
+    if config.vwn_connection == "none":
+        return None
+    if config.vwn_connection not in MEMBERS:
+        raise ValueError(f"vwn_connection ({config.vwn_connection!r}) must be one of "
+                         f"{sorted(MEMBERS) + ['none']} (the members this export carries)")
+    return MEMBERS[config.vwn_connection]
 
 
 class VWNDecoderLayer(nn.Module):
-    """Pre-norm attention and SwiGLU, each wrapped by a GHC or mHC (or a plain residual add);
-    with AltUp the whole residual layer wrapped by one AltUp module."""
+    """Pre-norm attention and SwiGLU. A sublayer member puts one connection around each (its two
+    modules, attention's first), a layer member one around the whole residual layer; the plain
+    backbone adds the residual."""
 
     def __init__(self, config: VWNConfig, layer_idx: int, active: int = 0):
         super().__init__()
@@ -226,28 +230,26 @@ class VWNDecoderLayer(nn.Module):
         moe = config.is_moe_layer(layer_idx)  # Mixtral's name for the MoE block
         self.mlp = None if moe else VWNMLP(config)
         self.block_sparse_moe = VWNMoE(config) if moe else None
-        connection = config.vwn_connection
-        self.altup = None
-        if connection == "altup":
-            self.altup = AltUpReference(config.vwn_n, config.hidden_size, active,
-                                        dynamic=config.vwn_dynamic, eps=config.ghc_norm_eps)
-        sublayer = connection not in ("altup", "none")
-        self.attn_ghc = sublayer_connection(config) if sublayer else None
-        self.mlp_ghc = sublayer_connection(config) if sublayer else None
+        member = width_member(config)
+        self.wraps_layer = member is None or member[1]
+        self.connection_names = member[2] if member is not None else ()
+        for name in self.connection_names:  # the HF key names the exporter wrote
+            setattr(self, name, member[0](config, active))
 
     def forward(self, hidden, cos, sin, mask, cache):
         mlp = self.mlp if self.mlp is not None else self.block_sparse_moe
-        if self.attn_ghc is None:
-            x, saved = self.altup.read(hidden) if self.altup is not None else (hidden, None)
+        connections = [getattr(self, name) for name in self.connection_names]
+        if self.wraps_layer:
+            x, saved = connections[0].read(hidden) if connections else (hidden, None)
             x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
             x = x + mlp(self.post_attention_layernorm(x))
-            return self.altup.write(x, saved) if self.altup is not None else x
-        x, saved = self.attn_ghc.read(hidden)
-        z = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
-        hidden = self.attn_ghc.write(z, saved)
-        x, saved = self.mlp_ghc.read(hidden)
-        z = mlp(self.post_attention_layernorm(x))
-        return self.mlp_ghc.write(z, saved)
+            return connections[0].write(x, saved) if connections else x
+        attention, feed_forward = connections
+        x, saved = attention.read(hidden)
+        hidden = attention.write(self.self_attn(self.input_layernorm(x), cos, sin, mask, cache),
+                                 saved)
+        x, saved = feed_forward.read(hidden)
+        return feed_forward.write(mlp(self.post_attention_layernorm(x)), saved)
 
 
 class VWNOutputNorm(nn.Module):
@@ -302,15 +304,13 @@ class VWNEmbedding(nn.Module):
 
     def __init__(self, config: VWNConfig):
         super().__init__()
-        connection, kind = config.vwn_connection, config.vwn_embedding
+        kind = config.vwn_embedding if config.vwn_connection != "none" else "none"
         self.n = config.vwn_n
-        wide_table = connection in ("ghc", "altup") and kind == "wide"
-        width = config.wide_size if wide_table else config.hidden_size
+        width = config.wide_size if kind == "wide" else config.hidden_size
         self.embed_tokens = nn.Embedding(config.vocab_size, width)
-        self.replicate = connection == "hc" or kind == "replicated"
+        self.replicate = kind == "replicated"
         self.expand = None
-        if (connection == "ghc" and kind == "factorized"
-                and config.wide_size > config.hidden_size):
+        if kind == "factorized" and config.wide_size > config.hidden_size:
             self.expand = nn.Linear(config.hidden_size, config.wide_size, bias=False)
         self.altup_projections = None
         if kind == "projected" and self.n > 1:
@@ -348,7 +348,8 @@ class VWNPreTrainedModel(PreTrainedModel):
 
     @torch.no_grad()
     def _init_weights(self, module):
-        """Init for weights a checkpoint does not provide (training-style; GHC at VWN init)."""
+        """Init for weights a checkpoint does not provide (training-style; width connections at
+        their reference's ``reset_parameters``)."""
         std = self.config.initializer_range
         if isinstance(module, (nn.Linear, nn.Embedding, VWNRouter)):
             module.weight.normal_(0.0, std)
@@ -356,19 +357,8 @@ class VWNPreTrainedModel(PreTrainedModel):
             module.weight.fill_(1.0)
             if getattr(module, "bias", None) is not None:
                 module.bias.zero_()
-        elif isinstance(module, GHCReference):
-            m, n = module.m, module.n
-            module.static_read.zero_()
-            module.static_read[:m].copy_(torch.eye(m))
-            module.static_carry.copy_(torch.eye(n))
-            module.static_write.zero_()
-            for j in range(n):
-                module.static_write[j % m, j] = 1.0
-            if module.dynamic:
-                module.norm_weight.fill_(1.0)
-                module.proj.zero_()
-                module.scale_a.fill_(1.0)
-                module.scale_b.fill_(1.0)
+        elif hasattr(module, "read") and hasattr(module, "write"):  # a width connection
+            module.reset_parameters()
 
 
 def _attention_mask(attention_mask, q_len: int, past: int, device):

@@ -39,13 +39,23 @@ class AltUpReference(nn.Module):
         self.dynamic = dynamic
         self.eps = eps
         if dynamic:
-            self.router_norm = nn.Parameter(torch.ones(hidden))
-            self.router = nn.Parameter(torch.zeros(blocks, hidden))
-            self.predict_coefs = nn.Parameter(torch.zeros(blocks * blocks, blocks))
-            self.correct_coefs = nn.Parameter(torch.zeros(blocks, blocks))
+            self.router_norm = nn.Parameter(torch.empty(hidden))
+            self.router = nn.Parameter(torch.empty(blocks, hidden))
+            self.predict_coefs = nn.Parameter(torch.empty(blocks * blocks, blocks))
+            self.correct_coefs = nn.Parameter(torch.empty(blocks, blocks))
         else:
-            self.predict_delta = nn.Parameter(torch.zeros(blocks, blocks))
-            self.correct_delta = nn.Parameter(torch.zeros(blocks))
+            self.predict_delta = nn.Parameter(torch.empty(blocks, blocks))
+            self.correct_delta = nn.Parameter(torch.empty(blocks))
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Predict every block as itself and correct with unit gain (zero deltas; a unit router
+        norm); a checkpoint or the training module sets the real values."""
+        for param in self.parameters(recurse=False):
+            param.zero_()
+        if self.dynamic:
+            self.router_norm.fill_(1.0)
 
     def route(self, x: torch.Tensor) -> torch.Tensor:
         """``tanh(W_r (RMSNorm(x) / D))``: ``[T, D]`` -> ``[T, K]`` (fp32 at least)."""
@@ -80,3 +90,10 @@ class AltUpReference(nn.Module):
             correct = (1.0 + self.correct_delta.to(output.dtype)).view(1, -1, 1)
         new = predicted + correct * innovation
         return new.reshape(*output.shape[:-1], self.blocks * self.hidden)
+
+
+def hf_connection(config, active: int = 0) -> AltUpReference:
+    """The module ``VWNForCausalLM`` puts around a whole decoder layer computing block
+    ``active``, from its ``VWNConfig``."""
+    return AltUpReference(config.vwn_n, config.hidden_size, active, dynamic=config.vwn_dynamic,
+                          eps=config.ghc_norm_eps)

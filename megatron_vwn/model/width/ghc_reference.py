@@ -26,8 +26,8 @@ class GHCReference(nn.Module):
 
     ``static_read`` ``[n, m]``, ``static_carry`` ``[n, n]``, ``static_write`` ``[m, n]``;
     dynamic: ``norm_weight`` ``[d_b]``, ``proj`` ``[d_b, 2m + n]``, ``scale_a`` ``[n, m + n]``,
-    ``scale_b`` ``[n, m]`` (``[1]`` each with scalar scales, HC). The parameters start as the
-    identity connection; a checkpoint or the training module sets them.
+    ``scale_b`` ``[n, m]`` (``[1]`` each with scalar scales, HC). The parameters start at
+    :meth:`reset_parameters`; a checkpoint or the training module sets them.
     """
 
     def __init__(self, m: int, n: int, d_b: int, dynamic: bool = True, tau: float = 1.0,
@@ -37,14 +37,32 @@ class GHCReference(nn.Module):
         self.dynamic = dynamic
         self.tau = tau
         self.eps = eps
-        self.static_read = nn.Parameter(torch.zeros(n, m))
-        self.static_carry = nn.Parameter(torch.eye(n))
-        self.static_write = nn.Parameter(torch.zeros(m, n))
+        self.static_read = nn.Parameter(torch.empty(n, m))
+        self.static_carry = nn.Parameter(torch.empty(n, n))
+        self.static_write = nn.Parameter(torch.empty(m, n))
         if dynamic:
-            self.norm_weight = nn.Parameter(torch.ones(d_b))
-            self.proj = nn.Parameter(torch.zeros(d_b, 2 * m + n))
-            self.scale_a = nn.Parameter(torch.ones((1,) if scalar_scales else (n, m + n)))
-            self.scale_b = nn.Parameter(torch.ones((1,) if scalar_scales else (n, m)))
+            self.norm_weight = nn.Parameter(torch.empty(d_b))
+            self.proj = nn.Parameter(torch.empty(d_b, 2 * m + n))
+            self.scale_a = nn.Parameter(torch.empty((1,) if scalar_scales else (n, m + n)))
+            self.scale_b = nn.Parameter(torch.empty((1,) if scalar_scales else (n, m)))
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """VWN's initialisation: read the first ``m`` segments, carry every slot, write block
+        ``j mod m`` into slot ``j``; no dynamic part (``proj = 0``, unit scales)."""
+        m, n = self.m, self.n
+        self.static_read.zero_()
+        self.static_read[:m].copy_(torch.eye(m))
+        self.static_carry.copy_(torch.eye(n))
+        self.static_write.zero_()
+        for j in range(n):
+            self.static_write[j % m, j] = 1.0
+        if self.dynamic:
+            self.norm_weight.fill_(1.0)
+            self.proj.zero_()
+            self.scale_a.fill_(1.0)
+            self.scale_b.fill_(1.0)
 
     def coefficients(self, state: torch.Tensor):
         """Read ``[T, n, m]``, carry ``[T, n, n]``, write ``[T, m, n]`` for ``state [T, n, d_b]``
@@ -80,3 +98,11 @@ class GHCReference(nn.Module):
         else:
             new = torch.matmul(write.t(), blocks) + torch.matmul(carry.t(), state)
         return new.reshape(*output.shape[:-1], self.n * self.d_b)
+
+
+def hf_connection(config, active: int = 0) -> GHCReference:
+    """The module ``VWNForCausalLM`` puts around each sublayer (GHC, HC and Frac), from its
+    ``VWNConfig``; ``active`` is a layer member's and unused here."""
+    return GHCReference(config.vwn_m, config.vwn_n, config.segment_width,
+                        dynamic=config.vwn_dynamic, tau=config.vwn_tau, eps=config.ghc_norm_eps,
+                        scalar_scales=config.vwn_scalar_scales)

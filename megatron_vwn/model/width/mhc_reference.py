@@ -39,11 +39,21 @@ class MHCReference(nn.Module):
         self.dynamic = dynamic
         self.iters = sinkhorn_iters
         self.eps = eps
-        self.bias = nn.Parameter(torch.zeros(2 * n + n * n))
+        self.bias = nn.Parameter(torch.empty(2 * n + n * n))
         if dynamic:
-            self.norm_weight = nn.Parameter(torch.ones(n * hidden))
-            self.proj = nn.Parameter(torch.zeros(n * hidden, 2 * n + n * n))
-            self.gate = nn.Parameter(torch.zeros(3))
+            self.norm_weight = nn.Parameter(torch.empty(n * hidden))
+            self.proj = nn.Parameter(torch.empty(n * hidden, 2 * n + n * n))
+            self.gate = nn.Parameter(torch.empty(3))
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Zero logits and gates (a checkpoint or the training module sets the real values)."""
+        self.bias.zero_()
+        if self.dynamic:
+            self.norm_weight.fill_(1.0)
+            self.proj.zero_()
+            self.gate.zero_()
 
     def read(self, hidden: torch.Tensor):
         """``[..., n*D]`` -> sublayer input ``H_pre x`` ``[..., D]`` and what :meth:`write`
@@ -69,3 +79,10 @@ class MHCReference(nn.Module):
         state, post, res = saved
         new = torch.matmul(res, state) + post.unsqueeze(2) * output.reshape(-1, 1, self.hidden)
         return new.reshape(*output.shape[:-1], self.n * self.hidden)
+
+
+def hf_connection(config, active: int = 0) -> MHCReference:
+    """The module ``VWNForCausalLM`` puts around each sublayer, from its ``VWNConfig``;
+    ``active`` is a layer member's and unused here."""
+    return MHCReference(config.vwn_n, config.hidden_size, dynamic=config.vwn_dynamic,
+                        sinkhorn_iters=config.mhc_sinkhorn_iters, eps=config.ghc_norm_eps)

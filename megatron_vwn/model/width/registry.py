@@ -101,7 +101,10 @@ class WidthMember:
     reference: ClassVar[ModuleType | None] = None
     """The member's plain-torch reference of its equations: a self-contained module (torch
     only) that the tests check the training module against and that the HF export copies
-    beside ``modeling_vwn.py``, whose classes build the member from it."""
+    beside ``modeling_vwn.py``. It defines ``hf_connection(config, active) -> module`` (the
+    module around one sublayer or layer, from the exported ``VWNConfig``), and that module has
+    ``read``, ``write`` and ``reset_parameters``; the exporter lists it in ``vwn_members.py``.
+    None: not exportable with ``--format vwn``."""
 
     def hf_config(self, vwn: Any) -> dict[str, Any]:
         """Member-specific keyword arguments of the exported ``VWNConfig``."""
