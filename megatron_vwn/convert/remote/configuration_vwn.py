@@ -130,6 +130,11 @@ class VWNConfig(PretrainedConfig):
         return self.moe_num_experts > 0 and layer_idx >= self.moe_dense_layers
 
     @property
+    def has_width(self) -> bool:
+        """A width member's wide state (``vwn_connection`` is not ``none``, the backbone)."""
+        return self.vwn_connection != "none"
+
+    @property
     def segment_width(self) -> int:
         """d_b = D / m."""
         return self.hidden_size // self.vwn_m

@@ -209,7 +209,7 @@ class VWNMoE(nn.Module):
 def width_member(config: VWNConfig):
     """``(build, wraps_layer, names)`` of ``config.vwn_connection`` (see ``vwn_members.py``), or
     None for the plain backbone (``none``)."""
-    if config.vwn_connection == "none":
+    if not config.has_width:
         return None
     if config.vwn_connection not in MEMBERS:
         raise ValueError(f"vwn_connection ({config.vwn_connection!r}) must be one of "
@@ -304,7 +304,7 @@ class VWNEmbedding(nn.Module):
 
     def __init__(self, config: VWNConfig):
         super().__init__()
-        kind = config.vwn_embedding if config.vwn_connection != "none" else "none"
+        kind = config.vwn_embedding if config.has_width else "none"
         self.n = config.vwn_n
         width = config.wide_size if kind == "wide" else config.hidden_size
         self.embed_tokens = nn.Embedding(config.vocab_size, width)
@@ -440,7 +440,7 @@ class VWNMTPLayer(nn.Module):
     def __init__(self, config: VWNConfig, layer_idx: int, active: int = 0):
         super().__init__()
         width = config.wide_size
-        self.wide = config.vwn_connection != "none"
+        self.wide = config.has_width
         self.n, self.d_b = config.vwn_n, config.segment_width
         self.enorm = VWNRMSNorm(width, config.rms_norm_eps)
         self.hnorm = VWNRMSNorm(width, config.rms_norm_eps)
@@ -524,7 +524,7 @@ class VWNForCausalLM(VWNPreTrainedModel, GenerationMixin):
         if not len(self.mtp):
             raise ValueError("this model has no multi-token-prediction heads (num_mtp_layers=0)")
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-        wide = self.config.vwn_connection != "none"
+        wide = self.config.has_width
         previous = out.wide_hidden_state if wide else out.last_hidden_state
         b, s = input_ids.shape
         positions = self.model.positions(input_ids, attention_mask, None, 0)
