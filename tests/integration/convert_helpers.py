@@ -59,6 +59,22 @@ def assert_loaded_as_trained(model: torch.nn.Module, run_dir: Path) -> None:
         assert torch.equal(loaded[name].detach().float(), tensor), name
 
 
+def export_perturbed(cfg, out_dir: Path):
+    """Build ``cfg`` (a single-process config) with 4096 real and 64 padding vocabulary rows,
+    move every weight away from its initialisation (``+ 0.05 N(0, 1)``, seed 0) and export it to
+    ``out_dir``: ``(model, ExportResult)``."""
+    from megatron_vwn.convert.export import export_loaded
+    from megatron_vwn.convert.megatron_io import LoadedModel, build_single_model
+
+    model = build_single_model(cfg, 4160)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.add_(0.05 * torch.randn(param.shape, generator=generator))
+    loaded = LoadedModel(cfg=cfg, model=model, padded_vocab_size=4160, vocab_size=4096)
+    return model, export_loaded(loaded, out_dir)
+
+
 def pickles_in(directory: Path) -> list[str]:
     return sorted(p.name for p in directory.rglob("*") if p.suffix in PICKLE_SUFFIXES)
 

@@ -17,6 +17,7 @@ from tests.integration.convert_helpers import (
     LAYOUTS,
     VWN,
     assert_loaded_as_trained,
+    export_perturbed,
     pickles_in,
     run_isolated,
     train_run,
@@ -439,24 +440,13 @@ def test_every_connection_exports_exactly(overrides, world, tmp_path):
     embedding with two MTP depths and static GHC at 1.5x (no GroupNorm), all weights perturbed
     away from their initialisation."""
     from megatron_vwn.config import load_config
-    from megatron_vwn.convert.export import export_loaded
-    from megatron_vwn.convert.megatron_io import (
-        LoadedModel,
-        build_single_model,
-        single_process_config,
-    )
+    from megatron_vwn.convert.megatron_io import single_process_config
     from megatron_vwn.convert.verify import check_parity, greedy_megatron, load_hf_model
 
     cfg = single_process_config(load_config("tiny", [
         "model.num_layers=2", "model.hidden_size=64", "model.ffn_hidden_size=128",
         "model.seq_length=32", *overrides]))
-    model = build_single_model(cfg, 4160)  # 64 padding rows beyond the real 4096
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for param in model.parameters():
-            param.add_(0.05 * torch.randn(param.shape, generator=generator))
-    loaded = LoadedModel(cfg=cfg, model=model, padded_vocab_size=4160, vocab_size=4096)
-    result = export_loaded(loaded, tmp_path / "hf")
+    model, result = export_perturbed(cfg, tmp_path / "hf")
     report = check_parity(result)
     assert report.max_abs_diff <= 1e-4
     assert len(report.mtp_max_abs_diff) == cfg.model.mtp.num_layers

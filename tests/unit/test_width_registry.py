@@ -182,13 +182,10 @@ def test_toy_member_exports_to_hugging_face_from_its_one_reference_file(single_p
     pytest.importorskip("transformers")
     import importlib.util
 
-    from megatron_vwn.convert.export import choose_format, export_loaded
-    from megatron_vwn.convert.megatron_io import (
-        LoadedModel,
-        build_single_model,
-        single_process_config,
-    )
+    from megatron_vwn.convert.export import choose_format
+    from megatron_vwn.convert.megatron_io import single_process_config
     from megatron_vwn.convert.verify import check_parity
+    from tests.integration.convert_helpers import export_perturbed
 
     cfg = single_process_config(load_config("tiny", [
         "model.num_layers=2", "model.hidden_size=64", "model.ffn_hidden_size=128",
@@ -203,14 +200,8 @@ def test_toy_member_exports_to_hugging_face_from_its_one_reference_file(single_p
     monkeypatch.setattr(toy, "reference", reference, raising=False)
     monkeypatch.setattr(toy, "hf_params", ("gain",), raising=False)
 
-    model = build_single_model(cfg, 4160)
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for param in model.parameters():
-            param.add_(0.05 * torch.randn(param.shape, generator=generator))
-    loaded = LoadedModel(cfg=cfg, model=model, padded_vocab_size=4160, vocab_size=4096)
     # a directory name of its own: transformers caches remote modules by the directory's name
-    result = export_loaded(loaded, tmp_path / "toy_hf")
+    _, result = export_perturbed(cfg, tmp_path / "toy_hf")
     assert (result.out_dir / "toy_reference.py").read_text() == TOY_REFERENCE
     members_file = (result.out_dir / "vwn_members.py").read_text()
     assert "from .toy_reference import hf_connection as toy_reference" in members_file
