@@ -86,6 +86,20 @@ def test_a_new_member_gets_the_default_slots_of_its_kind_and_no_legacy_names():
     assert Sublayer.legacy_slots == Layer.legacy_slots == {}
 
 
+def test_renamed_slots_draw_their_initial_values_as_before():
+    """The layout-invariant init seeds by parameter name: renamed slots seed with the old one,
+    so a fresh run draws the same model as before the rename."""
+    from megatron_vwn.model.layout import _seed_for
+
+    for new, old in (("decoder.layers.3.attention_connection.proj",
+                      "decoder.layers.3.attention_ghc.proj"),
+                     ("decoder.layers.0.mlp_connection.gate", "decoder.layers.0.mlp_ghc.gate"),
+                     ("decoder.layers.1.layer_connection.router", "decoder.layers.1.altup.router")):
+        assert _seed_for(1234, new) == _seed_for(1234, old)
+    assert _seed_for(1234, "decoder.layers.0.mlp.linear_fc1.weight") != _seed_for(
+        1234, "decoder.layers.0.mlp.linear_fc2.weight")
+
+
 # --------------------------------------------------------------- the key mapping
 
 
