@@ -25,6 +25,7 @@ from megatron_vwn.checkpoint.errors import (
     describe_load_error,
 )
 from megatron_vwn.checkpoint.files import check_files, read_manifest
+from megatron_vwn.checkpoint.legacy_keys import load_legacy_keys
 from megatron_vwn.checkpoint.state import (
     SavedRun,
     load_common_state_dict,
@@ -89,8 +90,11 @@ def load_weights(modules: list, path: Path, model: ModelConfig, padded_vocab_siz
 
 def load_sharded(state_dict: dict, path) -> dict:
     """``dist_checkpointing.load`` with its failures (raised on every rank alike) reported as
-    the user's error in one line."""
+    the user's error in one line. Keys of renamed width slots that the checkpoint holds only
+    under their old names are read under those (``legacy_keys.py``; ``state_dict`` is changed in
+    place, the result is keyed as it is)."""
     try:
+        load_legacy_keys(state_dict, path)
         return dist_checkpointing.load(state_dict, str(path))
     except LOAD_ERRORS as exc:
         raise CheckpointError(f"checkpoint {path} could not be loaded: "

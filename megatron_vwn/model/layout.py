@@ -6,7 +6,8 @@ expert ``i`` is global expert ``ep_rank x local experts + i``. Global names let 
 
 * initialise every tensor-parallel weight from a generator seeded by ``(seed, global name)`` over
   the full (unsharded) tensor, then keep this rank's shard: the same model at every TP/PP/VPP
-  layout, which is what makes parity tests meaningful; and
+  layout, which is what makes parity tests meaningful (renamed width slots seed with their old
+  names, so the model drawn does not change with a rename); and
 * compare gradients across layouts in tests.
 """
 
@@ -19,6 +20,7 @@ import torch
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_vwn.model.moe import global_expert_name, tensor_shard
+from megatron_vwn.model.width.registry import legacy_slot_names
 
 
 def global_named_parameters(chunk: torch.nn.Module) -> Iterator[tuple[str, torch.nn.Parameter]]:
@@ -44,7 +46,14 @@ def _init_method_for(name: str, config: TransformerConfig) -> Callable:
 
 
 def _seed_for(seed: int, name: str) -> int:
-    return (seed * 1_000_003 + zlib.crc32(name.encode())) % (2**63)
+    return (seed * 1_000_003 + zlib.crc32(_seed_name(name).encode())) % (2**63)
+
+
+def _seed_name(name: str) -> str:
+    """The name a parameter's initial values are drawn for: a renamed width slot keeps its old
+    name (``WidthMember.legacy_slots``), so a run draws the same model as before the rename."""
+    old = {slot: names[0] for slot, names in legacy_slot_names().items()}
+    return ".".join(old.get(part, part) for part in name.split("."))
 
 
 @torch.no_grad()

@@ -2,10 +2,12 @@
 
     python tests/distributed/checkpoint_worker.py train [--logits FILE] key=value ...
     python tests/distributed/checkpoint_worker.py logits FILE key=value ...
+    python tests/distributed/checkpoint_worker.py save key=value ...
 
 ``train`` is ``megatron-vwn train`` (the Trainer's loop with its checkpoint hooks); with
 ``--logits`` it then writes the logits of a fixed batch. ``logits`` builds the model, loads
-``checkpoint.load`` (weights only) and writes the logits of the same batch. The environment
+``checkpoint.load`` (weights only) and writes the logits of the same batch. ``save`` resumes
+(or loads ``checkpoint.load``) and saves again at once, training nothing. The environment
 variable ``CKPT_TEST_STEP_SLEEP`` (seconds) slows every step so a test can signal mid-run.
 """
 
@@ -109,6 +111,9 @@ def main() -> None:
     try:
         if mode == "train":
             trainer.train()
+        if mode == "save":
+            trainer.checkpoints.save(trainer.state.run_state(), trainer.model, trainer.optimizer,
+                                     trainer.scheduler, final=True)
         if logits_path is not None:
             write_logits(trainer, logits_path)
     finally:

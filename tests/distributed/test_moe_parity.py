@@ -76,7 +76,7 @@ sum of 64 products of size ~0.02, and a different reduction order upstream moves
 fp32 ulps of the hidden state times the weight norm, ~1e-8 here; 1e-6 is 100x that."""
 # As in test_parity.py: mHC's bias and gate gradients are sums of nearly cancelling per-token
 # terms, compared at 1e-5 of the model's largest gradient.
-CANCELLING_GRADS = ("_ghc.bias", "_ghc.gate")
+CANCELLING_GRADS = ("_connection.bias", "_connection.gate")
 
 
 def _launch(tmp_path, data_cache, nproc: int, cases: dict[str, list[str]]) -> dict:

@@ -148,7 +148,7 @@ def test_vwn_exports_with_mtp(layout, runs, world, tmp_path):
     assert (config["vwn_m"], config["vwn_n"], config["num_mtp_layers"]) == (2, 8, 1)
     assert config["vwn_group_norm"] is True
     # The trained GHC dynamic weights are not at their (zero) initialisation.
-    assert result.loaded.model.decoder.layers[0].attention_ghc.proj.abs().max() > 1e-3
+    assert result.loaded.model.decoder.layers[0].attention_connection.proj.abs().max() > 1e-3
 
     report = check_parity(result)
     print(f"vwn {layout}: {report.describe()}")
@@ -398,8 +398,8 @@ def test_import_into_virtual_width_takes_the_backbone(world, tmp_path, capsys, d
     assert torch.equal(model.output_layer.weight[:4096], state["lm_head.weight"])
     eye = torch.zeros(8, 2)
     eye[:2] = torch.eye(2)
-    assert torch.equal(layer.attention_ghc.static_read, eye)  # VWN init: read the backbone
-    assert not layer.attention_ghc.proj.any()  # dynamic weights at their zero init
+    assert torch.equal(layer.attention_connection.static_read, eye)  # VWN init: read the backbone
+    assert not layer.attention_connection.proj.any()  # dynamic weights at their zero init
     assert loaded.cfg.model.vwn.n == 8 and loaded.cfg.model.mtp.num_layers == 1
 
 

@@ -133,6 +133,6 @@ def test_vwn_mtp_heads_are_wide_and_get_gradients(single_process, depths):
     loss.sum().backward()
     for layer in layers:
         assert layer.eh_proj.weight.grad.abs().sum() > 0
-        ghc = getattr(layer, MTP_INNER_LAYER).attention_ghc
+        ghc = getattr(layer, MTP_INNER_LAYER).attention_connection
         assert ghc.proj.grad.abs().sum() > 0 and ghc.static_carry.grad.abs().sum() > 0
     assert len(model.compute_language_model_loss.take()) == depths

@@ -78,7 +78,7 @@ def _record_residuals(model, wide: bool):
     states = []
     if wide:
         for layer in model.decoder.layers:
-            for ghc in (layer.attention_ghc, layer.mlp_ghc):
+            for ghc in (layer.attention_connection, layer.mlp_connection):
                 original = ghc.write
 
                 def write(output, saved, original=original):
@@ -145,7 +145,7 @@ def test_static_equals_dynamic_at_init_and_differs_after_a_step(single_process):
         opt.step()
     gap = (_logits(dynamic, tokens, positions) - _logits(static, tokens, positions)).abs().max()
     assert gap > 1e-4
-    assert dynamic.decoder.layers[0].attention_ghc.proj.abs().sum() > 0
+    assert dynamic.decoder.layers[0].attention_connection.proj.abs().sum() > 0
 
 
 def test_hc_reads_stream_k_mod_n_and_replicates_the_embedding(single_process):
@@ -153,7 +153,8 @@ def test_hc_reads_stream_k_mod_n_and_replicates_the_embedding(single_process):
     model = _model("model.vwn.connection=hc", "model.vwn.m=1", f"model.vwn.n={n}")
     d = model.config.hidden_size
     for index, layer in enumerate(model.decoder.layers):
-        for k, ghc in ((2 * index, layer.attention_ghc), (2 * index + 1, layer.mlp_ghc)):
+        for k, ghc in ((2 * index, layer.attention_connection),
+                       (2 * index + 1, layer.mlp_connection)):
             expected = torch.zeros(n, 1)
             expected[k % n] = 1
             torch.testing.assert_close(ghc.static_read.detach(), expected)
@@ -173,7 +174,7 @@ def test_frac_splits_instead_of_replicating(single_process):
     d = model.config.hidden_size
     tokens, positions = _batch()
     assert model.embedding(tokens, positions).shape[-1] == d  # D' = D: four fractions of D/4
-    ghc = model.decoder.layers[0].attention_ghc
+    ghc = model.decoder.layers[0].attention_connection
     assert (ghc.m, ghc.n, ghc.d_b) == (4, 4, d // 4)
     for matrix in (ghc.static_read, ghc.static_carry, ghc.static_write):
         torch.testing.assert_close(matrix.detach(), torch.eye(4))
@@ -309,7 +310,7 @@ def test_param_counts_match_the_built_model(single_process, vwn):
 
 def test_no_weight_decay_tags(single_process):
     layer = _model("model.vwn.m=2", "model.vwn.n=4").decoder.layers[0]
-    ghc = layer.attention_ghc
+    ghc = layer.attention_connection
     for name in ("static_read", "static_carry", "static_write", "scale_a", "scale_b",
                  "norm_weight"):
         assert getattr(getattr(ghc, name), "no_weight_decay", False), name
@@ -325,7 +326,7 @@ def test_recompute_coefficients_gives_the_same_gradients(single_process):
         torch.manual_seed(7)
         with torch.no_grad():  # make the dynamic path non-trivial
             for layer in model.decoder.layers:
-                layer.attention_ghc.proj.normal_(0, 0.5)
+                layer.attention_connection.proj.normal_(0, 0.5)
         model(tokens, positions, None, labels=tokens).mean().backward()
         grads.append({n: p.grad.clone() for n, p in model.named_parameters() if "ghc" in n})
     for name in grads[0]:

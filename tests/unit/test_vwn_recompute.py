@@ -35,7 +35,8 @@ def _model(*overrides):
     torch.manual_seed(7)
     with torch.no_grad():  # a non-trivial dynamic path
         for layer in getattr(model.decoder, "layers", []):
-            for ghc in (getattr(layer, "attention_ghc", None), getattr(layer, "mlp_ghc", None)):
+            for ghc in (getattr(layer, "attention_connection", None),
+                        getattr(layer, "mlp_connection", None)):
                 if ghc is not None:
                     ghc.proj.normal_(0, 0.5)
     return model

@@ -144,7 +144,7 @@ def test_mhc_recompute_gives_the_same_gradients(single_process):
     assert grads[0].keys() == grads[1].keys()
     for name in grads[0]:
         torch.testing.assert_close(grads[0][name], grads[1][name], msg=name)
-    assert grads[0]["decoder.layers.0.attention_ghc.gate"].abs().sum() > 0
+    assert grads[0]["decoder.layers.0.attention_connection.gate"].abs().sum() > 0
 
 
 # AltUp --------------------------------------------------------------------------------------
@@ -228,9 +228,9 @@ def test_altup_wide_table_with_equal_blocks_gives_the_backbone_logits(single_pro
 
 def test_altup_alternates_the_computed_block(single_process):
     model = _model(*ALTUP2)
-    assert [layer.altup.active for layer in model.decoder.layers] == [0, 1, 0]
+    assert [layer.layer_connection.active for layer in model.decoder.layers] == [0, 1, 0]
     same = _model(*ALTUP2, "model.vwn.altup.selection=same")
-    assert [layer.altup.active for layer in same.decoder.layers] == [0, 0, 0]
+    assert [layer.layer_connection.active for layer in same.decoder.layers] == [0, 0, 0]
 
 
 # Accounting, decay tags -----------------------------------------------------------------------
@@ -256,11 +256,11 @@ def test_recycled_altup_adds_k_squared_plus_k_parameters_per_layer(single_proces
 
 
 def test_new_members_decay_tags(single_process):
-    mhc = _model(*MHC4).decoder.layers[0].attention_ghc
+    mhc = _model(*MHC4).decoder.layers[0].attention_connection
     for name in ("bias", "gate", "norm_weight"):
         assert getattr(getattr(mhc, name), "no_weight_decay", False), name
     assert not getattr(mhc.proj, "no_weight_decay", False)
-    altup = _model(*ALTUP2).decoder.layers[0].altup
+    altup = _model(*ALTUP2).decoder.layers[0].layer_connection
     assert altup.predict_delta.no_weight_decay and altup.correct_delta.no_weight_decay
 
 

@@ -39,7 +39,12 @@ import torch.nn.functional as F
 
 from megatron_vwn.config.errors import ConfigError
 from megatron_vwn.model.width import altup_reference
-from megatron_vwn.model.width.registry import WidthMember, register, require_single_segment
+from megatron_vwn.model.width.registry import (
+    LAYER_SLOTS,
+    WidthMember,
+    register,
+    require_single_segment,
+)
 
 
 @dataclass
@@ -167,7 +172,9 @@ class AltUpMember(WidthMember):
 
     name = "altup"
     wraps_layer = True
-    slots = ("altup",)
+    slots = LAYER_SLOTS
+    legacy_slots = {"layer_connection": "altup"}
+    hf_slot_names = ("altup",)
     dynamic_default = False
     swept_by_streams = True
     embeddings = ("auto", "wide", "replicated")

@@ -312,6 +312,8 @@ class GHCMember(WidthMember):
     embeddings = ("auto", "wide", "factorized")
     group_norm_option = True
     ghc_kernels = True
+    legacy_slots = {"attention_connection": "attention_ghc", "mlp_connection": "mlp_ghc"}
+    hf_slot_names = ("attn_ghc", "mlp_ghc")
     hf_params = ("static_read", "static_carry", "static_write", "norm_weight", "proj",
                  "scale_a", "scale_b")
     reference = ghc_reference
@@ -364,9 +366,6 @@ class GHCMember(WidthMember):
 
     def layer_flops(self, vwn, hidden_size: int) -> int:
         return 2 * self.module_flops(vwn, hidden_size)
-
-    def hf_slots(self) -> dict[str, str]:
-        return {"attention_ghc": "attn_ghc", "mlp_ghc": "mlp_ghc"}
 
     def hf_config(self, vwn) -> dict:
         return {"vwn_scalar_scales": False}

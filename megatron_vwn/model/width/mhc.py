@@ -151,6 +151,8 @@ class MHCMember(WidthMember):
     name = "mhc"
     embeddings = ("auto", "replicated")
     swept_by_streams = True
+    legacy_slots = {"attention_connection": "attention_ghc", "mlp_connection": "mlp_ghc"}
+    hf_slot_names = ("attn_ghc", "mlp_ghc")
     hf_params = ("norm_weight", "proj", "bias", "gate")
     reference = mhc_reference
 
@@ -194,5 +196,3 @@ class MHCMember(WidthMember):
     def layer_flops(self, vwn, hidden_size: int) -> int:
         return 2 * self.module_flops(vwn, hidden_size)
 
-    def hf_slots(self) -> dict[str, str]:
-        return {"attention_ghc": "attn_ghc", "mlp_ghc": "mlp_ghc"}

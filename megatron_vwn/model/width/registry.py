@@ -24,6 +24,12 @@ if TYPE_CHECKING:
     from megatron_vwn.model.width.shape import VWNShape
 
 
+SUBLAYER_SLOTS: tuple[str, str] = ("attention_connection", "mlp_connection")
+"""The slots of a sublayer member's two modules (around attention, around the MLP)."""
+LAYER_SLOTS: tuple[str] = ("layer_connection",)
+"""The slot of a layer member's one module (around the whole stock layer)."""
+
+
 class WidthMember:
     """What a width member tells the rest of the package; subclass it and :func:`register` it.
 
@@ -38,9 +44,16 @@ class WidthMember:
     wraps_layer: ClassVar[bool] = False
     """False: a module around each sublayer; True: one module around the whole stock layer
     (residual adds included), which runs on the ``D``-wide input the module reads."""
-    slots: ClassVar[tuple[str, ...]] = ("attention_ghc", "mlp_ghc")
+    slots: ClassVar[tuple[str, ...]] = SUBLAYER_SLOTS
     """Attribute names of the connection modules in the layer, frozen into checkpoint keys
-    (sublayer members: attention then MLP; layer members: one name)."""
+    (``decoder.layers.attention_connection.proj``, and the optimizer's keys embed them).
+    Member-neutral by default: :data:`SUBLAYER_SLOTS` (attention then MLP) for a sublayer
+    member, :data:`LAYER_SLOTS` (one name) for one that ``wraps_layer``; a member that names its
+    own keeps them."""
+    legacy_slots: ClassVar[dict[str, str]] = {}
+    """Slot name -> the name the slot had in checkpoints written before it was renamed. A load
+    (``checkpoint/weights.py``, ``load_sharded``) asks for a key under the old name when the
+    checkpoint holds only that one (model and optimizer state, at any layout)."""
     unit_width_is_backbone: ClassVar[bool] = False
     """``m = n = 1`` is the stock model (no width connection built at all)."""
     dynamic_default: ClassVar[bool] = True
@@ -56,6 +69,11 @@ class WidthMember:
     streams or blocks); otherwise it sweeps ``connection=ghc`` over ``(m, n)``."""
     tied_embedding: ClassVar[str] = "factorized"
     """The ``model.vwn.embedding`` to suggest when ``model.tie_embeddings`` meets a wide table."""
+
+    def __init_subclass__(cls, **kwargs) -> None:
+        super().__init_subclass__(**kwargs)
+        if cls.wraps_layer and "slots" not in vars(cls) and cls.slots == SUBLAYER_SLOTS:
+            cls.slots = LAYER_SLOTS  # the default of a layer member
 
     def validate(self, vwn: Any) -> None:
         """Member-specific checks on ``model.vwn`` (after the shared ones: positive sizes,
@@ -93,9 +111,14 @@ class WidthMember:
         raise NotImplementedError
 
     def hf_slots(self) -> dict[str, str]:
-        """Our slot name -> the HF remote class's module name for it (docs/convert.md)."""
-        return {slot: slot for slot in self.slots}
+        """Our slot name -> the HF remote class's module name for it (docs/convert.md): the
+        slots zipped with :attr:`hf_slot_names` (the slot names themselves when unset)."""
+        names = self.hf_slot_names or self.slots
+        return dict(zip(self.slots, names, strict=True))
 
+    hf_slot_names: ClassVar[tuple[str, ...] | None] = None
+    """The HF remote class's module names of the slots, in slot order (None: the slot names).
+    Fixed by the exported format, independent of our slot names."""
     hf_params: ClassVar[tuple[str, ...]] = ()
     """Parameter names of the connection modules, the same in the HF remote class."""
     reference: ClassVar[ModuleType | None] = None
@@ -140,6 +163,16 @@ def names() -> list[str]:
 def members() -> list[WidthMember]:
     """The registered members, sorted by name."""
     return [MEMBERS[name] for name in names()]
+
+
+def legacy_slot_names() -> dict[str, tuple[str, ...]]:
+    """Every registered member's renamed slots: slot name -> the names it had before (sorted),
+    for loading checkpoints that hold only the old keys (``WidthMember.legacy_slots``)."""
+    old: dict[str, set[str]] = {}
+    for member in members():
+        for slot, before in member.legacy_slots.items():
+            old.setdefault(slot, set()).add(before)
+    return {slot: tuple(sorted(names)) for slot, names in sorted(old.items())}
 
 
 def require_single_segment(vwn: Any, what: str) -> None:
