@@ -83,8 +83,10 @@ def test_old_checkpoint_resumes_and_continues_the_same_training(case, layout, tm
                 for line in (FIXTURES / case / "rows.jsonl").read_text().splitlines()]
     got = [r for r in rows(run) if r["split"] == "train"]
     assert [r["iteration"] for r in got] == [r["iteration"] for r in expected]
-    rtol = 1e-6 if layout == "dp2" else 1e-5
-    for key in ("lm_loss", "grad_norm", "lr"):
+    # The same fp32 computation up to summation order (another layout, or another CPU's GEMM
+    # kernels than the machine that wrote the fixture): docs/parity_cases.md's tolerances for
+    # losses and grad norms; the learning rate is the schedule's, computed in float64.
+    for key, rtol in (("lm_loss", 1e-5), ("grad_norm", 1e-4), ("lr", 1e-12)):
         torch.testing.assert_close(torch.tensor([r[key] for r in got], dtype=torch.float64),
                                    torch.tensor([r[key] for r in expected],
                                                 dtype=torch.float64), rtol=rtol, atol=0)
