@@ -201,6 +201,13 @@ def plot_loss_vs_rdw(budgets: dict[int, list[ShapeSummary]], path: Path) -> None
     ax.set_xlabel("R_DW = layers / hidden size (log)")
     ax.set_ylabel("final held-out loss")
     ax.set_title("Held-out loss vs depth-width ratio (star: best per budget)")
+    _save_with_legend(fig, ax, path)
+
+
+def _save_with_legend(fig, ax, path: Path) -> None:
+    """Log-aware grid and legend, then write ``path`` and free the figure."""
+    import matplotlib.pyplot as plt
+
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -228,11 +235,7 @@ def plot_loss_vs_aofe(results: list[RunResult], fit: PowerLaw | None, path: Path
     ax.set_xlabel("W^T W AOFE ratio at the end of training (log)")
     ax.set_ylabel("final held-out loss (log)")
     ax.set_title("Loss vs parameter-space interaction")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _save_with_legend(fig, ax, path)
 
 
 def plot_aofe_over_training(results: list[RunResult], path: Path) -> None:
